@@ -1,0 +1,95 @@
+"""Conv feature encoder (layer-norm variant), sharded along time across tensor-parallel ranks.
+
+A micro-batch holds T = stride * (F - 1) + receptive_field samples (F frames, F a multiple of tp); frame i
+covers samples [stride * i, stride * i + receptive_field). TP rank r computes frames [r F/tp, (r+1) F/tp) from
+its own sample slice (DESIGN §3): no communication, and bit-for-bit the unsharded result because every block
+normalizes over channels only (a group-norm block normalizes over time, which is why it is out of scope).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _GradMultiply(torch.autograd.Function):
+    """Scales the gradient only (fairseq's feature_grad_mult: 0.1 stabilizes base-size pre-training)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+class ConvBlock(nn.Module):
+    """Conv1d -> LayerNorm over channels (fp32) -> GELU. Input/output [B, C, T]."""
+
+    def __init__(self, in_dim: int, out_dim: int, kernel: int, stride: int, bias: bool, eps: float = 1e-5):
+        super().__init__()
+        self.conv = nn.Conv1d(in_dim, out_dim, kernel_size=kernel, stride=stride, bias=bias)
+        self.layer_norm = nn.LayerNorm(out_dim, eps=eps)
+        nn.init.kaiming_normal_(self.conv.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        # [B, C, T] -> [B, T, C] for the channel LayerNorm, and back
+        x = F.layer_norm(x.transpose(1, 2).float(), self.layer_norm.normalized_shape,
+                         self.layer_norm.weight.float(), self.layer_norm.bias.float(), self.layer_norm.eps)
+        return F.gelu(x.to(self.conv.weight.dtype).transpose(1, 2))
+
+
+class ConvFeatureExtractor(nn.Module):
+    """Waveform [B, T] -> features [B, C, F] through `layers` = [(channels, kernel, stride), ...]."""
+
+    def __init__(self, layers: list[tuple[int, int, int]], bias: bool = True, grad_mult: float = 1.0,
+                 recompute: bool = False):
+        super().__init__()
+        blocks, in_dim = [], 1
+        for out_dim, kernel, stride in layers:
+            blocks.append(ConvBlock(in_dim, out_dim, kernel, stride, bias))
+            in_dim = out_dim
+        self.blocks = nn.ModuleList(blocks)
+        self.grad_mult = grad_mult
+        self.recompute = recompute
+        self.stride = 1
+        self.receptive_field = 1
+        for _, kernel, stride in layers:
+            self.receptive_field += (kernel - 1) * self.stride
+            self.stride *= stride
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames produced from num_samples samples (block by block, as transformers computes it)."""
+        for block in self.blocks:
+            num_samples = (num_samples - block.conv.kernel_size[0]) // block.conv.stride[0] + 1
+        return num_samples
+
+    def sample_range(self, frame_start: int, frame_end: int) -> tuple[int, int]:
+        """Samples [start, end) that produce exactly frames [frame_start, frame_end)."""
+        return self.stride * frame_start, self.stride * (frame_end - 1) + self.receptive_field
+
+    def forward(self, waveform: torch.Tensor, frame_start: int = 0, frame_end: int | None = None) -> torch.Tensor:
+        """Features of frames [frame_start, frame_end) of `waveform` [B, T] (the whole utterance by default)."""
+        if frame_end is None:
+            frame_end = self.num_frames(waveform.shape[1])
+        s0, s1 = self.sample_range(frame_start, frame_end)
+        if s1 > waveform.shape[1]:
+            raise ValueError(f"waveform of {waveform.shape[1]} samples cannot hold frames up to {frame_end}: "
+                             f"{s1} samples needed")
+        x = waveform[:, None, s0:s1]  # [B, 1, T_local]
+        if self.recompute and self.training and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(self._blocks, x, use_reentrant=False)
+        else:
+            x = self._blocks(x)
+        if self.grad_mult != 1.0 and self.training:
+            x = _GradMultiply.apply(x, self.grad_mult)
+        return x
+
+    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x

@@ -1,0 +1,130 @@
+"""The model against transformers' Wav2Vec2ForPreTraining with the same weights (something we did not write)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from megatron_speech.models.wav2vec2 import interop  # noqa: E402
+from megatron_speech.models.wav2vec2.factory import (  # noqa: E402
+    _single_rank_groups,
+    build_pretraining_model,
+    transformer_config,
+)
+from megatron_speech.models.wav2vec2.masker import compute_span_mask, counter_rng, sample_negatives  # noqa: E402
+
+
+def hf_tiny_config(**kw):
+    """An XLSR-style (layer-norm extractor, stable layer norm) config at tiny size; dropouts off."""
+    base = dict(
+        conv_dim=[32] * 7, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, proj_codevector_dim=24, codevector_dim=32,
+        num_codevectors_per_group=16, num_codevector_groups=2, num_negatives=7, feat_extract_norm="layer",
+        do_stable_layer_norm=True, conv_bias=True, layerdrop=0.0, hidden_dropout=0.0, attention_dropout=0.0,
+        activation_dropout=0.0, feat_proj_dropout=0.0, feat_quantizer_dropout=0.0, mask_time_prob=0.5,
+        mask_time_length=2, diversity_loss_weight=0.1,
+    )
+    base.update(kw)
+    return transformers.Wav2Vec2Config(**base)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(0)
+    hf_cfg = hf_tiny_config()
+    hf = transformers.Wav2Vec2ForPreTraining(hf_cfg).eval()
+    # randomize every tensor (HF zero/one-initializes biases and norms, which would hide mapping mistakes)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    cfg = interop.config_from_hf(hf_cfg)
+    ours = build_pretraining_model(cfg, transformer_config(cfg), _single_rank_groups()).eval()
+    interop.load_canonical(ours, interop.from_hf(hf.state_dict(), cfg.num_attention_heads))
+    return cfg, hf, ours
+
+
+def batch(cfg, num_frames=40, batch_size=3, seed=0):
+    rng = counter_rng(seed, 0, 0, 0)
+    wave = torch.from_numpy(rng.standard_normal((batch_size, cfg.num_samples(num_frames))).astype(np.float32))
+    mask = compute_span_mask((batch_size, num_frames), cfg.mask_prob, cfg.mask_length_frames, rng, min_masks=2)
+    negatives = sample_negatives(mask, cfg.num_negatives, rng)
+    return wave, torch.from_numpy(mask), torch.from_numpy(negatives)
+
+
+def hf_negatives(negatives: torch.Tensor) -> torch.Tensor:
+    # ours: frame index within the utterance; transformers: index into the flattened [B * F] targets
+    b, f, _ = negatives.shape
+    return negatives + (torch.arange(b) * f)[:, None, None]
+
+
+def test_hidden_states_targets_and_contrastive_loss_match(pair):
+    cfg, hf, ours = pair
+    wave, mask, negatives = batch(cfg)
+    with torch.no_grad():
+        ref = hf(wave, mask_time_indices=mask, sampled_negative_indices=hf_negatives(negatives))
+        ref_hidden = hf.wav2vec2(wave, mask_time_indices=mask).last_hidden_state
+        hidden = ours.encode(wave, mask)
+        targets, _ = ours.quantized_targets(wave, mask)
+        out = ours(wave, mask, negatives)
+    torch.testing.assert_close(hidden, ref_hidden, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(targets, ref.projected_quantized_states[mask], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.contrastive, ref.contrastive_loss, atol=1e-4, rtol=1e-5)
+    # eval mode: transformers' perplexity is the hard-code one
+    torch.testing.assert_close(out.code_perplexity, ref.codevector_perplexity, atol=1e-4, rtol=1e-5)
+    assert int(out.num_masked) == int(mask.sum())
+
+
+def test_layer_outputs_match_hidden_states(pair):
+    cfg, hf, ours = pair
+    wave, _, _ = batch(cfg, seed=1)
+    with torch.no_grad():
+        ref = hf.wav2vec2(wave, output_hidden_states=True).hidden_states
+        for layer in (0, 1):
+            torch.testing.assert_close(ours.encode(wave, output_layer=layer), ref[layer], atol=1e-4, rtol=1e-4)
+
+
+def test_training_loss_matches_with_soft_perplexity(pair):
+    """In training, transformers' diversity loss uses the soft-probability perplexity, which Gumbel noise does
+    not touch: with the noise off and dropouts 0, the full loss (contrastive + diversity) must match."""
+    cfg, hf, ours = pair
+    wave, mask, negatives = batch(cfg, seed=2)
+    hf.train()
+    ours.train()
+    ours.quantizer.gumbel_noise = False
+    try:
+        with torch.no_grad():
+            ref = hf(wave, mask_time_indices=mask, sampled_negative_indices=hf_negatives(negatives))
+            out = ours(wave, mask, negatives)
+    finally:
+        hf.eval()
+        ours.eval()
+        ours.quantizer.gumbel_noise = True
+    torch.testing.assert_close(out.prob_perplexity, ref.codevector_perplexity, atol=1e-4, rtol=1e-5)
+    ref_diversity = ref.diversity_loss / mask.sum()
+    torch.testing.assert_close(out.diversity, ref_diversity, atol=1e-5, rtol=1e-5)
+
+
+def test_mapping_round_trips_every_tensor_exactly(pair):
+    cfg, hf, ours = pair
+    canonical = interop.canonical_state_dict(ours)
+    hf_sd = interop.to_hf(canonical, cfg.num_attention_heads)
+    ref = {k: v for k, v in hf.state_dict().items()}
+    assert set(hf_sd) == set(ref)
+    for k in ref:
+        assert torch.equal(hf_sd[k], ref[k]), k
+    back = interop.from_hf(hf_sd, cfg.num_attention_heads)
+    assert set(back) == set(canonical)
+    for k in canonical:
+        assert torch.equal(back[k], canonical[k]), k
+
+
+@pytest.mark.parametrize(
+    "kw, words",
+    [(dict(feat_extract_norm="group"), "feat_extract_norm"), (dict(do_stable_layer_norm=False), "post-LN")],
+)
+def test_unsupported_variants_are_refused(kw, words):
+    with pytest.raises(ValueError, match=words):
+        interop.config_from_hf(hf_tiny_config(**kw))
