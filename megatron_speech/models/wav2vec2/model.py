@@ -13,6 +13,7 @@ import torch
 import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -32,6 +33,8 @@ class PretrainOutput:
     """This rank's share of contrastive sum + diversity + feature penalty; summed over TP = the group's loss."""
     num_masked: torch.Tensor
     """Masked frames of the whole TP group (int; identical on every TP rank)."""
+    local_count: torch.Tensor
+    """Masked frames on this rank (float)."""
     contrastive: torch.Tensor
     """InfoNCE summed over this rank's masked frames (detached)."""
     diversity: torch.Tensor
@@ -46,6 +49,8 @@ class PretrainOutput:
 
 class Wav2Vec2ForPretraining(MegatronModule):
     """Built by `factory.build_pretraining_model`; modules take dimensions, not the config object."""
+
+    model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
 
     def __init__(
         self,
@@ -209,6 +214,7 @@ class Wav2Vec2ForPretraining(MegatronModule):
         return PretrainOutput(
             loss=loss,
             num_masked=group_count.to(torch.int),
+            local_count=local_count,
             contrastive=contrastive.detach(),
             diversity=diversity.detach(),
             prob_perplexity=prob_ppl.detach(),

@@ -1,0 +1,80 @@
+"""Process groups, megatron-core model parallelism and RNG seeding for one training process."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from megatron_speech.parallel.cpu_compat import apply_cpu_compat
+
+
+def _env_int(key: str, default: int | None = None) -> int | None:
+    value = os.environ.get(key)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {key}={value!r} is not an integer; set it to one") from None
+
+
+def initialize_parallel(tensor_model_parallel_size: int = 1, seed: int = 1234, backend: str | None = None) -> None:
+    """Start torch.distributed (if needed) and megatron-core's tensor/data-parallel groups, then seed RNGs.
+
+    The process group comes from the environment torchrun/srun/spawn set (``MASTER_ADDR``,
+    ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``); without ``WORLD_SIZE`` it is a
+    single-process group (rank 0 of 1), so tools run as plain ``python`` work too. The backend is
+    ``nccl`` when CUDA is present, else ``gloo`` (with :func:`apply_cpu_compat`). Pipeline parallelism
+    is always 1. Seeds: every rank's default generator gets ``seed`` (identical on all ranks, for
+    dropout on replicated tensors) and megatron's tracker gets the TP-rank-dependent stream.
+
+    Raises:
+        ValueError: ``tensor_model_parallel_size`` is not a positive divisor of the world size
+            (checked before any process group forms).
+    """
+    cuda = torch.cuda.is_available()
+    if backend is None:
+        backend = "nccl" if cuda else "gloo"
+    if tensor_model_parallel_size < 1:
+        raise ValueError(
+            f"parallel.tensor_model_parallel_size={tensor_model_parallel_size} must be >= 1"
+        )
+    if dist.is_initialized():
+        world_size = dist.get_world_size()
+    else:
+        world_size = _env_int("WORLD_SIZE", 1)
+    if world_size % tensor_model_parallel_size != 0:
+        raise ValueError(
+            f"parallel.tensor_model_parallel_size={tensor_model_parallel_size} does not divide the world "
+            f"size {world_size}: launch a multiple of {tensor_model_parallel_size} processes or pick a TP "
+            f"size that divides {world_size}"
+        )
+
+    if not cuda:
+        # Before anything that builds megatron tensors or the RNG tracker.
+        apply_cpu_compat()
+    if not dist.is_initialized():
+        if cuda:
+            # One GPU per process: without this every local rank would use (and NCCL would bind) GPU 0.
+            torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
+        if "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend=backend, init_method="env://")
+        else:
+            # Plain `python tool.py`: an in-process store, no port to pick.
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size, 1)
+    # model_parallel_cuda_manual_seed seeds the CUDA default generator with `seed`; the CPU one is what
+    # dropout on CPU tensors draws from, so seed it the same way (on GPU this is harmless).
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_parallel() -> None:
+    """Tear down megatron-core's groups and the default process group (safe to call twice)."""
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

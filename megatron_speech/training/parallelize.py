@@ -1,0 +1,56 @@
+"""Wraps a built model for training: mixed precision, megatron-core DDP, and the gradient finalization that
+the time-sharded front-end needs. The one place where parallelism is applied to a model (torchtitan style)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.transformer.module import Float16Module
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+
+def wrap_for_training(
+    model: torch.nn.Module,
+    use_distributed_optimizer: bool = True,
+    overlap_grad_reduce: bool = False,
+    bucket_size: int | None = None,
+) -> DistributedDataParallel:
+    """Float16Module (fp16/bf16 per the model's TransformerConfig) + megatron-core DDP; sets the config hooks
+    megatron's schedules read (no_sync_func, finalize_model_grads_func)."""
+    config = model.config
+    local_params = model.local_params()
+    tp_group = model.tp_group
+    # Parameters applied to this rank's time slice have partial gradients: summed over TP exactly once.
+    # megatron sums params marked `sequence_parallel` itself when SP is on; with SP off we do it in the same
+    # place (after the DP reduction, before the optimizer), below.
+    for p in local_params:
+        p.sequence_parallel = True
+    if config.fp16 or config.bf16:
+        model = Float16Module(config, model)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=overlap_grad_reduce,
+        use_distributed_optimizer=use_distributed_optimizer,
+        bucket_size=bucket_size,
+    )
+    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    config.no_sync_func = ddp.no_sync
+    if tp_group.size() > 1 and not config.sequence_parallel:
+        config.finalize_model_grads_func = partial(_finalize_and_sum_local, params=local_params, tp_group=tp_group)
+    else:
+        config.finalize_model_grads_func = finalize_model_grads
+    return ddp
+
+
+def _finalize_and_sum_local(model_chunks, num_tokens=None, pg_collection=None, force_all_reduce=False, *,
+                            params, tp_group):
+    finalize_model_grads(model_chunks, num_tokens, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
+    grads = [p.main_grad.data for p in params if p.requires_grad]
+    if not grads:
+        return
+    coalesced = _flatten_dense_tensors(grads)
+    torch.distributed.all_reduce(coalesced, group=tp_group)
+    for buf, synced in zip(grads, _unflatten_dense_tensors(coalesced, grads)):
+        buf.copy_(synced)
