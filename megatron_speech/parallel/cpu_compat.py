@@ -15,7 +15,8 @@ What it installs (each piece is needed by a code path named in its comment):
   that calls :func:`apply_cpu_compat` and kept for the thread's life; it is re-entered for the body of
   ``backward``/``autograd.grad`` so autograd hooks and ``Function.backward`` (DDP grad hooks, SP
   reduce-scatter, activation recompute) see it too.
-* ``torch.cuda.current_device`` returns 0 (the mode maps device 0 to CPU).
+* ``torch.cuda.current_device`` returns 0 (the mode maps device 0 to CPU); ``torch.cuda.synchronize``
+  is a no-op (CPU work is done when a call returns).
 * ``CpuRNGStatesTracker`` replaces megatron's ``CudaRNGStatesTracker`` (class and live tracker), and
   megatron's ``_get_cuda_rng_state``/``_set_cuda_rng_state`` work on the CPU generator, so
   ``model_parallel_cuda_manual_seed``, ``get_cuda_rng_tracker().fork()`` and activation recompute
@@ -27,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -35,7 +37,8 @@ from torch.overrides import TorchFunctionMode
 
 _CPU = torch.device("cpu")
 _TB = torch._C.TensorBase
-# torch >= 2.13: runs a handled function's own body without dispatching it to the mode again.
+# Runs a handled function's own body without dispatching it to the mode again (present in the pinned
+# torch 2.13; older releases lack it, see _autograd).
 _redispatch = getattr(torch.overrides, "redispatch_function", None)
 
 _lock = threading.Lock()
@@ -86,7 +89,7 @@ def _autograd(mode: _CudaToCpuMode, func: Callable, types: Any, args: tuple, kwa
     # handled calls: without this, everything the engine runs (Function.backward, tensor and
     # grad-accumulation hooks, activation recompute) would run with the mode off. Re-enter the mode
     # and run the function's own body; the engine captures the mode with its thread-local state.
-    if _redispatch is None:
+    if _redispatch is None:  # older torch: backward runs without the mode (SP/TP backward will fail)
         return func(*args, **kwargs)
     with mode:
         return _redispatch(func, types, args, kwargs)
@@ -129,6 +132,12 @@ def _current_device() -> int:
     # ~175 megatron-core allocations use device=torch.cuda.current_device(), which raises without
     # CUDA. Return the int a one-GPU process would see; the mode maps it to CPU.
     return 0
+
+
+def _synchronize(device: Any = None) -> None:
+    # megatron's Timers.start/stop, async checkpoint scheduling and fully-parallel checkpoint loading
+    # call torch.cuda.synchronize() unconditionally; CPU ops have finished when they return.
+    return None
 
 
 def _cpu_get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
@@ -215,9 +224,16 @@ def apply_cpu_compat() -> None:
         return
     with _lock:
         if not _applied:
+            if _redispatch is None:
+                warnings.warn(
+                    f"torch {torch.__version__} has no torch.overrides.redispatch_function: megatron's "
+                    "autograd backward code runs without the CPU device mode; use the pinned torch 2.13",
+                    stacklevel=2,
+                )
             from megatron.core.tensor_parallel import random as mrandom
 
             torch.cuda.current_device = _current_device
+            torch.cuda.synchronize = _synchronize
             # Trackers built from now on (initialize_rng_tracker, also with force_reset or for
             # inference) are CPU trackers; a CUDA tracker built before this call is replaced.
             tracker_cls = _make_tracker_class()

@@ -28,8 +28,9 @@ def initialize_parallel(tensor_model_parallel_size: int = 1, seed: int = 1234, b
     ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``); without ``WORLD_SIZE`` it is a
     single-process group (rank 0 of 1), so tools run as plain ``python`` work too. The backend is
     ``nccl`` when CUDA is present, else ``gloo`` (with :func:`apply_cpu_compat`). Pipeline parallelism
-    is always 1. Seeds: every rank's default generator gets ``seed`` (identical on all ranks, for
-    dropout on replicated tensors) and megatron's tracker gets the TP-rank-dependent stream.
+    is always 1. Seeds: every rank's default generator gets ``seed`` (identical on the TP ranks, for
+    dropout on replicated tensors) and megatron's tracker gets the TP-rank-dependent stream; both are offset by
+    the data-parallel rank.
 
     Raises:
         ValueError: ``tensor_model_parallel_size`` is not a positive divisor of the world size
@@ -39,9 +40,7 @@ def initialize_parallel(tensor_model_parallel_size: int = 1, seed: int = 1234, b
     if backend is None:
         backend = "nccl" if cuda else "gloo"
     if tensor_model_parallel_size < 1:
-        raise ValueError(
-            f"parallel.tensor_model_parallel_size={tensor_model_parallel_size} must be >= 1"
-        )
+        raise ValueError(f"parallel.tensor_model_parallel_size={tensor_model_parallel_size} must be >= 1")
     if dist.is_initialized():
         world_size = dist.get_world_size()
     else:
@@ -67,6 +66,10 @@ def initialize_parallel(tensor_model_parallel_size: int = 1, seed: int = 1234, b
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size, 1)
+    # Offset by the DP rank: replicas must not share dropout / Gumbel noise, while the TP ranks of one replica
+    # share the default generator (dropout on replicated activations must be identical across them) and
+    # megatron's tracker derives a TP-rank-specific stream for local slices (DESIGN §3, Randomness).
+    seed = seed + 1009 * parallel_state.get_data_parallel_rank()
     # model_parallel_cuda_manual_seed seeds the CUDA default generator with `seed`; the CPU one is what
     # dropout on CPU tensors draws from, so seed it the same way (on GPU this is harmless).
     torch.manual_seed(seed)

@@ -121,12 +121,18 @@ def _rename(key: str, table: list[tuple[re.Pattern, str]]) -> str:
 # ---- model <-> canonical ---------------------------------------------------------------------------------
 
 
-def canonical_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's parameters under canonical keys, full (TP-gathered) tensors. Call on every TP rank."""
+def canonical_state_dict(model: torch.nn.Module, grads: bool = False) -> dict[str, torch.Tensor]:
+    """The model's parameters (or, with `grads`, their gradients: DDP's main_grad where present) under
+    canonical keys, as full TP-gathered tensors. A collective: call it on every TP rank."""
     out = {}
     for name, param in model.named_parameters():
-        full = _gather_tp(param.detach())
-        out[_to_canonical(name)] = full
+        value = param.detach()
+        if grads:
+            value = getattr(param, "main_grad", None)
+            value = param.grad if value is None else value
+            if value is None:
+                continue
+        out[_to_canonical(name)] = _gather_tp(value, param)
     return out
 
 
@@ -162,15 +168,15 @@ def _tp_info(param: torch.Tensor) -> tuple[int, int, int] | None:
     return (param.partition_dim, tp, parallel_state.get_tensor_model_parallel_rank()) if tp > 1 else None
 
 
-def _gather_tp(param: torch.Tensor) -> torch.Tensor:
+def _gather_tp(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     info = _tp_info(param)
     if info is None:
-        return param.clone()
+        return value.clone()
     from megatron.core import parallel_state
 
     dim, tp, _ = info
-    parts = [torch.empty_like(param) for _ in range(tp)]
-    torch.distributed.all_gather(parts, param.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    parts = [torch.empty_like(value) for _ in range(tp)]
+    torch.distributed.all_gather(parts, value.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
     return torch.cat(parts, dim=dim)
 
 

@@ -62,7 +62,7 @@ class GumbelVectorQuantizer(nn.Module):
             probs = hard
         # [N, G, V] x [G, V, D/G] -> [N, G, D/G]
         book = self.codevectors.view(self.num_groups, self.num_vars, -1)
-        codevectors = torch.einsum("ngv,gvd->ngd", probs.to(book.dtype), book).reshape(n, -1)
+        codevectors = torch.einsum("ngv,gvd->ngd", probs.to(book.dtype), book).reshape(n, book.shape[0] * book.shape[2])
         return QuantizerOutput(codevectors=codevectors, codes=codes, prob_sum=soft.sum(0), hard_count=hard.sum(0))
 
 
