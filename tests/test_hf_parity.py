@@ -31,16 +31,21 @@ def hf_tiny_config(**kw):
     return transformers.Wav2Vec2Config(**base)
 
 
-@pytest.fixture(scope="module")
-def pair():
-    torch.manual_seed(0)
+def random_hf_model(seed: int = 0):
+    """(transformers model in eval mode, our config): every tensor random, the same for a given seed."""
+    torch.manual_seed(seed)
     hf_cfg = hf_tiny_config()
     hf = transformers.Wav2Vec2ForPreTraining(hf_cfg).eval()
     # randomize every tensor (HF zero/one-initializes biases and norms, which would hide mapping mistakes)
     with torch.no_grad():
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    cfg = interop.config_from_hf(hf_cfg)
+    return hf, interop.config_from_hf(hf_cfg)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    hf, cfg = random_hf_model()
     ours = build_pretraining_model(cfg, transformer_config(cfg), _single_rank_groups()).eval()
     interop.load_canonical(ours, interop.from_hf(hf.state_dict(), cfg.num_attention_heads))
     return cfg, hf, ours
