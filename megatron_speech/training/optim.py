@@ -1,0 +1,94 @@
+"""megatron-core's optimizer (Adam, distributed across DP ranks, fp16 loss scaling) and its parameter
+scheduler (linear warmup, then polynomial decay of power 1 = megatron's "linear")."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_speech.config import OptimConfig, ParallelConfig, TrainConfig
+
+
+def _patch_torch_adam_state_restore() -> None:
+    """megatron-core 0.16.1 bug on the torch-Adam fallback (no TE / apex optimizer): loading a fully_reshardable
+    distributed-optimizer checkpoint copies every per-parameter state key, including torch Adam's "step",
+    which the checkpoint stores once in the param groups (restored just before), so it raises KeyError('step').
+    Hide "step" from that copy. Idempotent; not applied when a fused optimizer is present."""
+    from megatron.core.optimizer import distrib_optimizer as do
+
+    cls = do.DistributedOptimizer
+    if do.HAVE_APEX_OR_TE or getattr(cls, "_speech_step_patch", False):
+        return
+    original = cls._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state.get(main_param, {})
+        step = state.pop("step", None) if "step" not in tensors else None
+        try:
+            original(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    cls._set_main_param_and_optimizer_states = set_states
+    cls._speech_step_patch = True
+
+
+def unshare_adam_steps(optimizer) -> None:
+    """megatron-core 0.16.1 bug on the torch-Adam fallback: after loading, every parameter's "step" is the
+    *same* tensor object, and torch Adam increments each parameter's step in place, so the shared counter
+    advances once per parameter per step and the bias corrections go wrong. Give each its own copy; call after
+    `optimizer.load_state_dict`."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for state in getattr(inner, "state", {}).values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+
+def build_optimizer(model, optim: OptimConfig, train: TrainConfig, parallel: ParallelConfig):
+    """Adam with weight decay off for biases and norms (megatron's standard overrides), clipping, and
+    megatron's dynamic loss scaler under fp16."""
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2,
+        adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad,
+        fp16=train.precision == "fp16",
+        bf16=train.precision == "bf16",
+        params_dtype=torch.float32,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
+        overlap_param_gather=parallel.overlap_param_gather,
+        initial_loss_scale=train.initial_loss_scale,
+        min_loss_scale=train.min_loss_scale,
+        loss_scale_window=train.loss_scale_window,
+        hysteresis=train.loss_scale_hysteresis,
+    )
+    _patch_torch_adam_state_restore()
+    return get_megatron_optimizer(config, [model])
+
+
+def build_scheduler(optimizer, optim: OptimConfig) -> OptimizerParamScheduler:
+    if optim.decay_power != 1.0:
+        raise ValueError(f"optim.decay_power={optim.decay_power}: megatron-core's scheduler decays linearly "
+                         "(power 1); other powers are not supported")
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=optim.lr,
+        min_lr=optim.min_lr,
+        lr_warmup_steps=optim.warmup_steps,
+        lr_decay_steps=optim.decay_steps,
+        lr_decay_style="linear",
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=optim.decay_steps,
+        wd_incr_style="constant",
+    )

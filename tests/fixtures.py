@@ -1,0 +1,36 @@
+"""Shared test inputs: the tiny preset and synthetic micro-batches with real masks and distractors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DROPOUTS = ("dropout", "attention_dropout", "feature_proj_dropout", "feature_quantizer_dropout")
+
+
+def tiny_config(*overrides: str, dropout: float | None = None):
+    """The whole tiny Config, with dropouts set to `dropout` when given."""
+    from megatron_speech.config import load_config
+
+    extra = [f"model.{k}={dropout}" for k in DROPOUTS] if dropout is not None else []
+    return load_config(str(ROOT / "configs/tiny.yaml"), extra + list(overrides))
+
+
+def synthetic_batch(model_cfg, seed: int, batch_size: int = 3, num_frames: int = 24) -> dict:
+    from megatron_speech.models.wav2vec2.masker import compute_span_mask, counter_rng, sample_negatives
+
+    rng = counter_rng(seed, 0, 0, 0)
+    wave = rng.standard_normal((batch_size, model_cfg.num_samples(num_frames))).astype(np.float32)
+    mask = compute_span_mask((batch_size, num_frames), model_cfg.mask_prob, model_cfg.mask_length_frames, rng,
+                             min_masks=2)
+    neg = sample_negatives(mask, model_cfg.num_negatives, rng)
+    return {"waveform": torch.from_numpy(wave), "mask": torch.from_numpy(mask), "negatives": torch.from_numpy(neg)}
+
+
+def global_batch(model_cfg, step: int, num_micro: int = 2) -> list[dict]:
+    """A global batch of `num_micro` micro-batches with different crop lengths, fixed per step."""
+    return [synthetic_batch(model_cfg, 1000 * step + i, batch_size=2 + i, num_frames=20 + 4 * i)
+            for i in range(num_micro)]

@@ -1,0 +1,111 @@
+"""Checkpoints reshard: written at TP=2/DP=1, loaded at TP=1/DP=2 and back, with model, optimizer and EMA."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.dist import run_ranks
+from tests.fixtures import global_batch, tiny_config
+
+
+def _setup(tp: int):
+    from megatron.core import parallel_state
+
+    from megatron_speech.models.wav2vec2.factory import build_pretraining_model, transformer_config
+    from megatron_speech.parallel.initialize import initialize_parallel
+    from megatron_speech.training.ema import EMA
+    from megatron_speech.training.optim import build_optimizer, build_scheduler
+    from megatron_speech.training.parallelize import wrap_for_training
+
+    initialize_parallel(tp, seed=3)
+    cfg = tiny_config("optim.warmup_steps=1", dropout=0.0)
+    model = build_pretraining_model(cfg.model, transformer_config(cfg.model, tp, False))
+    model.quantizer.gumbel_noise = False
+    ddp = wrap_for_training(model, use_distributed_optimizer=True, overlap_grad_reduce=True)
+    opt = build_optimizer(ddp, cfg.optim, cfg.train, cfg.parallel)
+    sched = build_scheduler(opt, cfg.optim)
+    ema = EMA(model, 0.9)
+    dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    return cfg, model, ddp, opt, sched, ema, dp_rank, dp
+
+
+def _step(cfg, ddp, opt, sched, ema, step, dp_rank, dp):
+    from megatron_speech.training.step import train_step
+
+    batches = global_batch(cfg.model, step, num_micro=2)
+    mine = batches[dp_rank::dp]  # the same global batch, split over the DP ranks
+    out = train_step(ddp, opt, mine)
+    sched.step(increment=1)
+    ema.update()
+    stats = out["stats"].clone()
+    torch.distributed.all_reduce(stats)
+    return float(stats[0] / stats[2])
+
+
+def _snapshot(model, ema):
+    from megatron_speech.models.wav2vec2 import interop
+
+    backup = ema.copy_to()
+    averaged = interop.canonical_state_dict(model)
+    ema.restore(backup)
+    return interop.canonical_state_dict(model), averaged
+
+
+def _write(rank, world, tp, save_dir):
+    from megatron_speech.checkpoint.checkpointing import save_checkpoint
+
+    cfg, model, ddp, opt, sched, ema, dp_rank, dp = _setup(tp)
+    for step in (1, 2):
+        _step(cfg, ddp, opt, sched, ema, step, dp_rank, dp)
+    saved = _snapshot(model, ema)
+    save_checkpoint(save_dir, 2, ddp, opt, sched, ema, {"consumed": 2}, keep_last=2)
+    loss3 = _step(cfg, ddp, opt, sched, ema, 3, dp_rank, dp)
+    return saved, loss3, _snapshot(model, ema), sched.get_lr(opt.param_groups[0])
+
+
+def _read(rank, world, tp, save_dir, step, save_after):
+    from megatron_speech.checkpoint.checkpointing import checkpoint_dir, load_checkpoint, save_checkpoint
+
+    cfg, model, ddp, opt, sched, ema, dp_rank, dp = _setup(tp)
+    trainer = load_checkpoint(checkpoint_dir(save_dir, step), ddp, opt, sched, ema)
+    loaded = _snapshot(model, ema)
+    loss = _step(cfg, ddp, opt, sched, ema, step + 1, dp_rank, dp)
+    after = _snapshot(model, ema)
+    if save_after:
+        save_checkpoint(save_dir, step + 1, ddp, opt, sched, ema, {"consumed": step + 1})
+    return trainer, loaded, loss, after, sched.get_lr(opt.param_groups[0])
+
+
+def _assert_equal(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _assert_close(a: dict, b: dict):
+    for k in a:
+        scale = b[k].abs().max().clamp(min=1e-12)
+        assert (a[k] - b[k]).abs().max() <= 1e-5 * scale, k
+
+
+def test_tp2_checkpoint_loads_at_dp2_and_back(tmp_path):
+    save_dir = str(tmp_path)
+    written = run_ranks(_write, 2, 2, save_dir)  # TP=2, DP=1
+    (saved, saved_ema), loss3, (after3, after3_ema), lr3 = written[0]
+
+    read = run_ranks(_read, 2, 1, save_dir, 2, True)  # TP=1, DP=2
+    for trainer, (loaded, loaded_ema), loss, (after, after_ema), lr in read:
+        assert trainer["consumed"] == 2 and trainer["step"] == 2
+        _assert_equal(loaded, saved)  # model weights: exact
+        _assert_equal(loaded_ema, saved_ema)  # EMA: exact
+        # the optimizer moments and the scheduler came along: the next step matches the run that never moved
+        assert abs(loss - loss3) <= 1e-5 * abs(loss3)
+        _assert_close(after, after3)
+        _assert_close(after_ema, after3_ema)
+        assert lr == lr3
+
+    back = run_ranks(_read, 2, 2, save_dir, 3, False)  # and back to TP=2, DP=1
+    for trainer, (loaded, loaded_ema), _, _, _ in back:
+        assert trainer["step"] == 3
+        _assert_equal(loaded, read[0][3][0])
+        _assert_equal(loaded_ema, read[0][3][1])
