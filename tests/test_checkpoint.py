@@ -37,9 +37,7 @@ def _step(cfg, ddp, opt, sched, ema, step, dp_rank, dp):
     out = train_step(ddp, opt, mine)
     sched.step(increment=1)
     ema.update()
-    stats = out["stats"].clone()
-    torch.distributed.all_reduce(stats)
-    return float(stats[0] / stats[2])
+    return out["loss"]
 
 
 def _snapshot(model, ema):

@@ -21,6 +21,29 @@ def _env_int(key: str, default: int | None = None) -> int | None:
         raise ValueError(f"environment variable {key}={value!r} is not an integer; set it to one") from None
 
 
+def env_from_slurm() -> None:
+    """Under `srun python -m ...` (no torchrun), derive torch.distributed's variables from Slurm's.
+    Leaves an environment that torchrun already set untouched."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in os.environ:
+        import subprocess
+
+        nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "localhost")
+        hosts = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True)
+        os.environ["MASTER_ADDR"] = hosts.stdout.split()[0] if hosts.returncode == 0 and hosts.stdout else nodes
+    # a port derived from the job id: every task of the job computes the same one without talking
+    os.environ.setdefault("MASTER_PORT", str(20_000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20_000))
+
+
+def world_size_from_env() -> int:
+    """The world size the launcher announced (1 for a plain `python` run)."""
+    return _env_int("WORLD_SIZE", 1)
+
+
 def initialize_parallel(tensor_model_parallel_size: int = 1, seed: int = 1234, backend: str | None = None) -> None:
     """Start torch.distributed (if needed) and megatron-core's tensor/data-parallel groups, then seed RNGs.
 

@@ -4,20 +4,25 @@ the summed gradients by the global count), then the optimizer."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from megatron.core.pipeline_parallel.schedules import forward_backward_no_pipelining
+from megatron.core.utils import get_attr_wrapped_model
 
-# Per micro-batch statistics, reduced by the trainer: sums over masked frames, and the group's count.
-STATS = ("loss_sum", "contrastive_sum", "num_masked", "accuracy_sum", "diversity_x_count", "code_perplexity_x_count")
+# Per micro-batch statistics, summed over micro-batches and every rank (TP and DP) to get global totals.
+STATS = ("loss_sum", "contrastive_sum", "num_masked", "accuracy_sum", "diversity_x_count",
+         "code_perplexity_x_count", "num_samples", "num_frames")
 
 
-def loss_func(output) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+def loss_func(batch_size: tuple[float, float], output) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """megatron's 3-tuple form: (loss sum on this rank, masked frames of the TP group, stats to log)."""
-    # Each rank reports sums over its own masked frames, group quantities weighted by its own count, so a
-    # plain sum over all ranks (TP and DP) and micro-batches gives global totals.
+    # Each rank reports sums over its own masked frames, group quantities weighted by its own count, and its
+    # share of the (TP-replicated) batch size, so a plain sum over all ranks gives global totals.
     local = output.local_count
     stats = torch.stack([
         output.loss.detach().float(),
@@ -26,6 +31,8 @@ def loss_func(output) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tenso
         output.accuracy_sum,
         output.diversity * local,
         output.code_perplexity * local,
+        local.new_tensor(batch_size[0]),
+        local.new_tensor(batch_size[1]),
     ])
     return output.loss, output.num_masked, {"stats": stats}
 
@@ -34,16 +41,15 @@ def forward_step(batch_iterator: Iterator[dict[str, Any]], model):
     """Reads one micro-batch: waveform [B, T] positionally (Float16Module casts positional inputs only), the
     integer masks and distractor indices by keyword."""
     batch = next(batch_iterator)
+    tp = get_attr_wrapped_model(model, "tp_group").size()
     output = model(batch["waveform"], mask=batch["mask"], negatives=batch["negatives"],
                    channel_mask=batch.get("channel_mask"))
-    return output, loss_func
+    size = (batch["waveform"].numel() / tp, batch["mask"].numel() / tp)
+    return output, partial(loss_func, size)
 
 
-def train_step(model, optimizer, batches: list[dict[str, Any]]) -> dict[str, Any]:
-    """Forward/backward over this DP rank's micro-batches, then one optimizer step. Returns the summed stats
-    of this rank, whether the update happened (fp16 overflow skips it) and the gradient norm."""
-    model.zero_grad_buffer()
-    optimizer.zero_grad()
+def run_micro_batches(model, batches: list[dict[str, Any]], forward_only: bool = False) -> torch.Tensor:
+    """Forward (and backward) over micro-batches; returns this rank's summed STATS."""
     stored = forward_backward_no_pipelining(
         forward_step_func=forward_step,
         data_iterator=iter(batches),
@@ -51,8 +57,39 @@ def train_step(model, optimizer, batches: list[dict[str, Any]]) -> dict[str, Any
         num_microbatches=len(batches),
         seq_length=0,  # unused: variable lengths
         micro_batch_size=0,
-        forward_only=False,
+        forward_only=forward_only,
     )
-    updated, grad_norm, _ = optimizer.step()
-    stats = torch.stack([s["stats"] for s in stored]).sum(0)
-    return {"stats": stats, "updated": bool(updated), "grad_norm": grad_norm}
+    return torch.stack([s["stats"] for s in stored]).sum(0)
+
+
+def global_stats(stats: torch.Tensor) -> dict[str, float]:
+    """All-reduce a STATS vector over every rank and turn it into per-frame metrics."""
+    stats = stats.clone()
+    if dist.is_initialized():
+        dist.all_reduce(stats)
+    s = dict(zip(STATS, stats.tolist()))
+    n = max(s["num_masked"], 1.0)
+    return {
+        "loss": s["loss_sum"] / n,
+        "contrastive": s["contrastive_sum"] / n,
+        "accuracy": s["accuracy_sum"] / n,
+        "diversity": s["diversity_x_count"] / n,
+        "code_perplexity": s["code_perplexity_x_count"] / n,
+        "mask_fraction": s["num_masked"] / max(s["num_frames"], 1.0),
+        "num_masked": s["num_masked"],
+        "num_samples": s["num_samples"],
+    }
+
+
+def train_step(model, optimizer, batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """Forward/backward over this DP rank's micro-batches, then one optimizer step, unless the global loss is
+    not finite (the step is skipped on every rank: the decision comes from all-reduced numbers).
+    Returns the global metrics, whether the update happened (fp16 overflow also skips it) and the grad norm."""
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    metrics = global_stats(run_micro_batches(model, batches))
+    finite = math.isfinite(metrics["loss"])
+    updated, grad_norm = False, None
+    if finite:
+        updated, grad_norm, _ = optimizer.step()
+    return {**metrics, "finite": finite, "updated": bool(updated), "grad_norm": grad_norm}

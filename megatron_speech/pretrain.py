@@ -1,0 +1,135 @@
+"""wav2vec 2.0 pre-training on megatron-core.
+
+    python -m megatron_speech.pretrain --config configs/NAME.yaml [section.key=value ...]
+    torchrun --nproc-per-node N -m megatron_speech.pretrain --config ...     (or srun, one task per GPU)
+
+`--help` lists every key. Exit codes (training/signals.py): 0 done or early-stopped, 75 preempted by a signal
+after saving (requeue), 3 stopped on divergence (NaN/inf losses, fp16 loss scale at its floor).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from itertools import islice
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_speech.checkpoint.checkpointing import checkpoint_dir, latest_step, load_checkpoint, save_checkpoint
+from megatron_speech.config import config_to_dict, format_help, load_config, parse_cli
+from megatron_speech.data.loader import build_eval_loader, build_pretrain_loader
+from megatron_speech.models.wav2vec2.factory import build_pretraining_model, gumbel_temperature, transformer_config
+from megatron_speech.parallel.initialize import destroy_parallel, env_from_slurm, initialize_parallel, world_size_from_env
+from megatron_speech.training.ema import EMA
+from megatron_speech.training.monitor import Monitor, setup_logging
+from megatron_speech.training.optim import build_optimizer, build_scheduler
+from megatron_speech.training.parallelize import wrap_for_training
+from megatron_speech.training.signals import EXIT_DIVERGED, EXIT_DONE, EXIT_PREEMPTED, StopSignal
+from megatron_speech.training.step import STATS, global_stats, run_micro_batches, train_step
+
+logger = logging.getLogger("megatron_speech")
+
+
+def evaluate(model, eval_loader, num_batches: int) -> dict[str, float]:
+    """Loss, contrastive accuracy and code perplexity on the valid split (same batches every time)."""
+    batches = list(islice(iter(eval_loader), min(num_batches, eval_loader.num_batches)))
+    model.eval()
+    with torch.no_grad():
+        stats = run_micro_batches(model, batches, forward_only=True) if batches else torch.zeros(len(STATS))
+    model.train()
+    return global_stats(stats)
+
+
+def main(argv: list[str] | None = None) -> int:
+    path, overrides, want_help = parse_cli(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(path, overrides)
+    if want_help:
+        print(format_help(cfg))
+        return 0
+    env_from_slurm()
+    cfg.validate(world_size_from_env())  # before any process group forms
+    t, p = cfg.train, cfg.parallel
+    initialize_parallel(p.tensor_model_parallel_size, t.seed)
+    rank = dist.get_rank()
+    setup_logging(rank)
+    tp, dp = p.tensor_model_parallel_size, parallel_state.get_data_parallel_world_size()
+    dp_rank = parallel_state.get_data_parallel_rank()
+
+    tconfig = transformer_config(cfg.model, tp, p.sequence_parallel_enabled, t.precision, t.recompute_transformer)
+    tconfig.recompute_num_layers = t.recompute_num_layers if t.recompute_transformer == "full" else None
+    model = build_pretraining_model(cfg.model, tconfig, recompute_conv=t.recompute_conv)
+    ddp = wrap_for_training(model, p.use_distributed_optimizer, p.overlap_grad_reduce)
+    optimizer = build_optimizer(ddp, cfg.optim, t, p)
+    scheduler = build_scheduler(optimizer, cfg.optim)
+    ema = EMA(model, t.ema_decay)
+    monitor = Monitor(cfg, rank, cfg.model.num_codevector_groups * cfg.model.num_codevectors_per_group)
+    logger.info("world %d = TP %d x DP %d; %s parameters on this rank", dist.get_world_size(), tp, dp,
+                f"{sum(q.numel() for q in model.parameters()):,}")
+
+    step, loader_state = 0, None
+    resume_from = latest_step(t.save_dir) if t.resume else None
+    if resume_from is not None:
+        state = load_checkpoint(checkpoint_dir(t.save_dir, resume_from), ddp, optimizer, scheduler, ema)
+        step, loader_state = state["step"], state["loader"]
+        monitor.load_state_dict(state["monitor"])
+        logger.info("resumed from %s", checkpoint_dir(t.save_dir, resume_from))
+    loader = build_pretrain_loader(cfg.data, cfg.model, dp_rank, dp, t.num_micro_batches, tp, t.seed, loader_state)
+    eval_loader = build_eval_loader(cfg.data, cfg.model, dp_rank, dp, tp, t.seed) if t.eval_interval > 0 else None
+    stop = StopSignal(t.exit_on_signal)
+
+    def save():
+        save_checkpoint(t.save_dir, step, ddp, optimizer, scheduler, ema,
+                        {"loader": loader.state_dict(), "monitor": monitor.state_dict(), "config": config_to_dict(cfg)},
+                        keep_last=t.keep_last)
+        logger.info("saved %s", checkpoint_dir(t.save_dir, step))
+
+    exit_code, reason, saved_at = EXIT_DONE, f"reached train.max_steps={t.max_steps}", None
+    while step < t.max_steps:
+        temperature = gumbel_temperature(cfg.model, step)
+        model.quantizer.temperature = temperature
+        out = train_step(ddp, optimizer, next(loader))
+        step += 1
+        if out["updated"]:
+            scheduler.step(increment=1)
+            ema.update()
+        loss_scale = float(optimizer.get_loss_scale())
+        monitor.train_step(step, out, optimizer.param_groups[0]["lr"], loss_scale, temperature)
+        why = monitor.check_step(out, loss_scale)
+        if why:  # keep the last good checkpoint as `latest`: nothing worth saving now
+            exit_code, reason = EXIT_DIVERGED, why
+            break
+        if eval_loader is not None and step % t.eval_interval == 0:
+            metrics = evaluate(ddp, eval_loader, t.eval_iters)
+            monitor.write(step, "valid", metrics)
+            if ema.enabled:
+                backup = ema.copy_to()
+                monitor.write(step, "valid_ema", evaluate(ddp, eval_loader, t.eval_iters))
+                ema.restore(backup)
+            logger.info("step %7d | valid loss %.4f | acc %.3f | ppl %.1f", step, metrics["loss"],
+                        metrics["accuracy"], metrics["code_perplexity"])
+            why = monitor.check_eval(step, metrics)
+            if why:
+                save()
+                saved_at, reason = step, why
+                break
+        if t.save_interval > 0 and step % t.save_interval == 0:
+            save()
+            saved_at = step
+        if stop.requested():
+            if saved_at != step:
+                save()
+                saved_at = step
+            exit_code, reason = EXIT_PREEMPTED, f"stop signal ({stop.signal_name or 'on another rank'})"
+            break
+    if exit_code == EXIT_DONE and saved_at != step:
+        save()
+    logger.info("stopping at step %d: %s (exit %d)", step, reason, exit_code)
+    monitor.close()
+    destroy_parallel()
+    return exit_code
+
+
+if __name__ == "__main__":  # the guard dist_checkpointing's writer processes need (DESIGN §4)
+    sys.exit(main())

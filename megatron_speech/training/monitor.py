@@ -1,0 +1,140 @@
+"""What the loop reports and watches: metrics (console, JSONL, wandb), early stopping, and the alarms users
+asked fairseq for (code-perplexity collapse, fp16 loss scale at its floor, NaN/inf losses in a row).
+megatron-core has none of these: written here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("megatron_speech")
+
+
+class Monitor:
+    """Rank 0 writes; every rank keeps the same counters (they are fed all-reduced numbers), so every rank
+    takes the same stop decisions at the same step."""
+
+    def __init__(self, cfg, rank: int, num_codes: int):
+        self.cfg, self.rank, self.num_codes = cfg, rank, num_codes
+        t = cfg.train
+        self.metrics_path = Path(t.save_dir) / cfg.logging.metrics_file
+        self.best_valid = math.inf
+        self.evals_without_improvement = 0
+        self.low_perplexity_evals = 0
+        self.bad_steps = 0
+        self.floor_steps = 0
+        self._wandb = None
+        self._last_time = time.perf_counter()
+        self._samples = 0.0
+        if rank == 0:
+            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            if cfg.logging.wandb:
+                os.environ.setdefault("WANDB_MODE", cfg.logging.wandb_mode)
+                import wandb
+
+                from megatron_speech.config import config_to_dict
+
+                self._wandb = wandb.init(project=cfg.logging.wandb_project, name=cfg.logging.wandb_run_name or None,
+                                         dir=t.save_dir, config=config_to_dict(cfg), resume="allow")
+
+    # ---- logging -----------------------------------------------------------------------------------------
+
+    def write(self, step: int, split: str, values: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        record = {"step": step, "split": split, **{k: _plain(v) for k, v in values.items()}}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({f"{split}/{k}": v for k, v in record.items() if k not in ("step", "split")}, step=step)
+
+    def train_step(self, step: int, out: dict[str, Any], lr: float, loss_scale: float, temperature: float) -> None:
+        self._samples += out["num_samples"]
+        if step % self.cfg.train.log_interval:
+            return
+        now = time.perf_counter()
+        rate = self._samples / 16_000 / max(now - self._last_time, 1e-9)
+        self._last_time, self._samples = now, 0.0
+        grad_norm = float(out["grad_norm"]) if out["grad_norm"] is not None else float("nan")
+        values = {"loss": out["loss"], "contrastive": out["contrastive"], "accuracy": out["accuracy"],
+                  "code_perplexity": out["code_perplexity"], "diversity": out["diversity"],
+                  "mask_fraction": out["mask_fraction"], "lr": lr, "grad_norm": grad_norm, "loss_scale": loss_scale,
+                  "gumbel_temperature": temperature, "audio_seconds_per_second": rate,
+                  "skipped": not out["updated"]}
+        self.write(step, "train", values)
+        if self.rank == 0:
+            logger.info("step %7d | loss %.4f | acc %.3f | ppl %6.1f | lr %.3e | gnorm %.3f | scale %g | %.0f audio-s/s",
+                        step, out["loss"], out["accuracy"], out["code_perplexity"], lr, grad_norm, loss_scale, rate)
+
+    # ---- decisions (same inputs on every rank -> same answers) ---------------------------------------------
+
+    def check_step(self, out: dict[str, Any], loss_scale: float) -> str | None:
+        """A reason to stop now, or None."""
+        t = self.cfg.train
+        self.bad_steps = 0 if out["finite"] else self.bad_steps + 1
+        if self.bad_steps >= t.max_bad_steps:
+            return f"{self.bad_steps} steps in a row with a NaN/inf loss (train.max_bad_steps={t.max_bad_steps})"
+        if t.precision == "fp16" and t.loss_scale_floor_steps > 0:
+            self.floor_steps = self.floor_steps + 1 if loss_scale <= t.min_loss_scale else 0
+            if self.floor_steps >= t.loss_scale_floor_steps:
+                return (f"the fp16 loss scale sat at its floor ({t.min_loss_scale:g}) for {self.floor_steps} steps: "
+                        "gradients overflow even unscaled. Train in bf16 (train.precision=bf16), or lower the lr")
+        return None
+
+    def check_eval(self, step: int, metrics: dict[str, float]) -> str | None:
+        """Early stopping: a reason to stop (after saving), or None. Also raises the collapse alarm."""
+        t = self.cfg.train
+        floor = t.perplexity_floor_fraction * self.num_codes
+        if t.perplexity_floor_evals > 0:
+            self.low_perplexity_evals = self.low_perplexity_evals + 1 if metrics["code_perplexity"] < floor else 0
+            if self.low_perplexity_evals >= t.perplexity_floor_evals:
+                self.alarm(step, f"codebook collapse: code perplexity {metrics['code_perplexity']:.1f} below "
+                                 f"{floor:.1f} ({t.perplexity_floor_fraction:g} x {self.num_codes} codes) for "
+                                 f"{self.low_perplexity_evals} evaluations")
+        if metrics["loss"] < self.best_valid:
+            self.best_valid, self.evals_without_improvement = metrics["loss"], 0
+        else:
+            self.evals_without_improvement += 1
+        if t.early_stop_patience > 0 and self.evals_without_improvement >= t.early_stop_patience:
+            return (f"early stopping: validation loss has not improved on {self.best_valid:.4f} for "
+                    f"{self.evals_without_improvement} evaluations (train.early_stop_patience={t.early_stop_patience})")
+        return None
+
+    def alarm(self, step: int, message: str) -> None:
+        if self.rank == 0:
+            logger.warning("ALARM at step %d: %s", step, message)
+            self.write(step, "alarm", {"message": message})
+            if self._wandb is not None:
+                self._wandb.alert(title="megatron-speech alarm", text=message)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_valid": self.best_valid, "evals_without_improvement": self.evals_without_improvement,
+                "low_perplexity_evals": self.low_perplexity_evals, "bad_steps": self.bad_steps,
+                "floor_steps": self.floor_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _plain(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf
+    return v
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
