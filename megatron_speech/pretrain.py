@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from itertools import islice
+
+# Every CPU run would print these at import: no TE/apex is the expected CPU configuration.
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed.*")
 
 import torch
 import torch.distributed as dist

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -34,3 +36,23 @@ def global_batch(model_cfg, step: int, num_micro: int = 2) -> list[dict]:
     """A global batch of `num_micro` micro-batches with different crop lengths, fixed per step."""
     return [synthetic_batch(model_cfg, 1000 * step + i, batch_size=2 + i, num_frames=20 + 4 * i)
             for i in range(num_micro)]
+
+
+def write_split(prefix: str, split: str, utterances: list[tuple[str, np.ndarray, dict]], per_shard: int = 16) -> None:
+    """Shards PREFIX_{split}_NNNNN.{bin,idx} + PREFIX_{split}.manifest.jsonl, as tools/preprocess_audio.py."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rows = []
+    for s in range(0, len(utterances), per_shard):
+        name = f"{os.path.basename(prefix)}_{split}_{s // per_shard:05d}"
+        path = os.path.join(os.path.dirname(prefix), name)
+        builder = IndexedDatasetBuilder(path + ".bin", dtype=np.int16)
+        for k, (uid, audio, labels) in enumerate(utterances[s:s + per_shard]):
+            builder.add_item(torch.from_numpy(audio))
+            builder.end_document()
+            rows.append({"shard": name, "index": k, "id": uid, "source": f"/in/{uid}.wav", "samples": len(audio),
+                         "orig_sample_rate": 16000, "orig_channels": 1, **labels})
+        builder.finalize(path + ".idx")
+    with open(f"{prefix}_{split}.manifest.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")

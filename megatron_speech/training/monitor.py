@@ -10,6 +10,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -136,5 +137,12 @@ def _plain(v):
 
 
 def setup_logging(rank: int) -> None:
+    """Our INFO lines on rank 0 only; megatron-core's chatter (per-shard index loading, optimizer config dumps)
+    and the warnings every CPU run repeats (no TE/apex, deprecated collectives) stay out of the console."""
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
-                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    for pattern in (".*Transformer Engine and Apex are not installed.*", ".*Apex is not installed.*",
+                    ".*is deprecated. Please use `torch.distributed.*", ".*non-leaf Tensor is being accessed.*",
+                    ".*full scope is deprecated.*"):
+        warnings.filterwarnings("ignore", message=pattern)

@@ -1,0 +1,120 @@
+"""The pre-training driver end to end, under torchrun with 2 CPU processes (slow, still run in CI)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.fixtures import ROOT, write_split
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Synthetic tonal audio (learnable structure), a train and a valid split."""
+    root = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+
+    def utterances(n, tag):
+        out = []
+        for i in range(n):
+            t = np.arange(int(rng.uniform(1.5, 4.0) * 16_000)) / 16_000
+            f0 = rng.uniform(100, 300)
+            audio = np.sin(2 * np.pi * f0 * t * (1 + 0.3 * np.sin(2 * np.pi * rng.uniform(0.5, 3) * t)))
+            audio = audio * 8000 + rng.standard_normal(len(t)) * 300
+            out.append((f"{tag}{i:03d}", audio.astype(np.int16), {"language": "xx"}))
+        return out
+
+    prefix = str(root / "tones")
+    write_split(prefix, "train", utterances(48, "t"))
+    write_split(prefix, "valid", utterances(8, "v"))
+    return prefix
+
+
+def torchrun(nproc: int, save_dir: Path, *overrides: str, wait: bool = True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m",
+           "megatron_speech.pretrain", "--config", "configs/tiny.yaml", f"train.save_dir={save_dir}", *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not wait:
+        return proc
+    out, _ = proc.communicate(timeout=600)
+    return proc.returncode, out
+
+
+def metrics(save_dir: Path, split: str = "train") -> dict[int, dict]:
+    path = save_dir / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["step"]: r for r in rows if r["split"] == split}
+
+
+@pytest.mark.parametrize("layout", [["parallel.tensor_model_parallel_size=2"], ["train.num_micro_batches=2"]],
+                         ids=["tp2", "dp2"])
+def test_resume_after_sigterm_is_exact(tmp_path, shards, layout):
+    common = [f"data.prefix={shards}", "train.log_interval=1", "train.eval_interval=4", "train.save_interval=1000",
+              *layout]
+    total = 10
+    code, out = torchrun(2, tmp_path / "straight", f"train.max_steps={total}", *common)
+    assert code == 0, out[-3000:]
+    straight = metrics(tmp_path / "straight")
+    assert sorted(straight) == list(range(1, total + 1))
+
+    run = tmp_path / "interrupted"
+    proc = torchrun(2, run, "train.max_steps=1000", *common, wait=False)
+    deadline = time.monotonic() + 300
+    while max(metrics(run), default=0) < 3:  # let it train a few steps, then preempt it
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:] if proc.stdout else ""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards SIGTERM to its workers
+    out, _ = proc.communicate(timeout=300)
+    stopped = int((run / "latest").read_text())
+    assert "stop signal" in out and 3 <= stopped < total, out[-3000:]
+    code, out = torchrun(2, run, f"train.max_steps={total}", *common)
+    assert code == 0 and "resumed from" in out, out[-3000:]
+
+    resumed = metrics(run)
+    assert sorted(resumed) == list(range(1, total + 1))
+    for step in range(1, total + 1):  # bit-for-bit: CPU, fp32, same layout
+        assert resumed[step]["loss"] == straight[step]["loss"], step
+        assert resumed[step]["grad_norm"] == straight[step]["grad_norm"], step
+    assert metrics(run, "valid")[8]["loss"] == metrics(tmp_path / "straight", "valid")[8]["loss"]
+
+
+def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path, shards):
+    run = tmp_path / "killed"
+    common = [f"data.prefix={shards}", "train.eval_interval=0", "train.save_interval=2", "train.keep_last=5",
+              "train.log_interval=1"]
+    proc = torchrun(2, run, "train.max_steps=1000", *common, wait=False)
+    deadline = time.monotonic() + 300
+    while not (run / "iter_0000004").exists():  # the save of step 4 has begun (step 2's is complete)
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.002)
+    _kill_tree(proc)
+    proc.wait(timeout=60)
+    assert (run / "latest").read_text().strip() == "2"  # never points at the half-written step 4
+    code, out = torchrun(2, run, "train.max_steps=5", *common)
+    assert code == 0 and "resumed from" in out and "iter_0000002" in out, out[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if r["split"] == "train"]
+    assert steps[-3:] == [3, 4, 5] and steps.count(3) == 2  # killed run's 3, 4, then the resumed run's 3, 4, 5
+    assert (run / "latest").read_text().strip() == "5"
+
+
+def _kill_tree(proc) -> None:
+    """SIGKILL torchrun and its workers at once (a crash: no handler runs)."""
+    import psutil
+
+    parent = psutil.Process(proc.pid)
+    for p in parent.children(recursive=True) + [parent]:
+        p.kill()
