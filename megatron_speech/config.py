@@ -63,8 +63,18 @@ class DataConfig:
     """Folder in MUSAN layout (noise/, music/, speech/) of additive noise; empty = off."""
     noise_prob: float = 0.5
     """Probability that an utterance gets additive noise (when noise_dir is set)."""
-    noise_snr_db: tuple[float, float] = (5.0, 20.0)
-    """(low, high) signal-to-noise ratio in dB; drawn uniformly per noisy utterance."""
+    noise_snr_db: tuple[float, float] = (0.0, 15.0)
+    """(low, high) SNR in dB of the noise/ class, drawn uniformly per noisy utterance (Kaldi's MUSAN: 0-15)."""
+    noise_types: list[str] = field(default_factory=lambda: ["noise", "music", "babble"])
+    """Additive noise kinds, one drawn uniformly per noisy utterance: noise/, music/, babble (speech/ mixed)."""
+    music_snr_db: tuple[float, float] = (5.0, 15.0)
+    """(low, high) SNR in dB of the music/ class (Kaldi's MUSAN recipe: 5-15)."""
+    babble_snr_db: tuple[float, float] = (13.0, 20.0)
+    """(low, high) SNR in dB of each speech file mixed into babble (Kaldi's MUSAN recipe: 13-20)."""
+    babble_num_speakers: tuple[int, int] = (3, 7)
+    """(min, max) speech/ files summed into one babble noise, drawn uniformly (Kaldi: 3-7)."""
+    sampling_alpha: float = 0.5
+    """Language temperature (XLSR): p_l ~ (hours_l / total)^alpha; 1 = natural, 0 = uniform; data.weights wins."""
 
 
 @dataclass
@@ -281,8 +291,17 @@ class Config:
         need(all(f > 0 for f in d.speed_perturb),
              f"data.speed_perturb={d.speed_perturb}: factors must be > 0")
         need(0.0 <= d.noise_prob <= 1.0, f"data.noise_prob={d.noise_prob} must be in [0, 1]")
-        low, high = d.noise_snr_db
-        need(low <= high, f"data.noise_snr_db={list(d.noise_snr_db)}: low must be <= high")
+        for name in ("noise_snr_db", "music_snr_db", "babble_snr_db", "babble_num_speakers"):
+            low, high = getattr(d, name)
+            need(low <= high, f"data.{name}={list(getattr(d, name))}: low must be <= high")
+        need(d.babble_num_speakers[0] >= 1,
+             f"data.babble_num_speakers={list(d.babble_num_speakers)}: at least 1 speech file per babble")
+        kinds = ("noise", "music", "babble")
+        need(all(k in kinds for k in d.noise_types) and (bool(d.noise_types) or not d.noise_dir),
+             f"data.noise_types={d.noise_types}: entries must be among {list(kinds)}, at least one when "
+             "data.noise_dir is set")
+        need(d.sampling_alpha >= 0, f"data.sampling_alpha={d.sampling_alpha} must be >= 0 (1 = natural "
+                                    "proportions, 0 = uniform over languages)")
 
         # --- masking must fit the shortest crop (and every TP rank needs at least one frame)
         if conv_ok and d.min_sample_seconds > 0 and tp >= 1:
@@ -298,8 +317,9 @@ class Config:
                  "min_sample_seconds")
 
         # --- optimizer and schedule (megatron's OptimizerParamScheduler asserts these; say it in words first)
-        positive(o, "optim", "lr", "adam_eps")
-        positive(o, "optim", "weight_decay", "warmup_steps", "min_lr", "clip_grad", allow_zero=True)
+        positive(o, "optim", "adam_eps")
+        # lr = 0 is legitimate: a frozen run (evaluation, probing, forcing a plateau)
+        positive(o, "optim", "lr", "weight_decay", "warmup_steps", "min_lr", "clip_grad", allow_zero=True)
         for name in ("adam_beta1", "adam_beta2"):
             v = getattr(o, name)
             need(0.0 <= v < 1.0, f"optim.{name}={v} must be in [0, 1)")

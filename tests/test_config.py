@@ -254,8 +254,8 @@ def test_cross_field_rules(overrides: list[str], message: str) -> None:
 
 def test_validation_lists_every_problem_at_once() -> None:
     with pytest.raises(ValueError) as e:
-        preset("tiny", "train.max_steps=0", "optim.lr=0")
-    assert "train.max_steps=0" in str(e.value) and "optim.lr=0.0" in str(e.value)
+        preset("tiny", "train.max_steps=0", "optim.lr=-1")
+    assert "train.max_steps=0" in str(e.value) and "optim.lr=-1.0" in str(e.value)
 
 
 def test_tp_must_divide_world_size() -> None:

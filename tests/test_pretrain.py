@@ -118,3 +118,24 @@ def _kill_tree(proc) -> None:
     parent = psutil.Process(proc.pid)
     for p in parent.children(recursive=True) + [parent]:
         p.kill()
+
+
+def test_early_stopping_on_a_plateau(tmp_path, shards):
+    # lr = 0: the validation loss cannot improve after the first evaluation
+    code, out = torchrun(2, tmp_path / "plateau", f"data.prefix={shards}", "optim.lr=0", "train.max_steps=50",
+                         "train.eval_interval=1", "train.early_stop_patience=3", "train.save_interval=1000")
+    assert code == 0, out[-3000:]
+    assert "early stopping" in out
+    assert sorted(metrics(tmp_path / "plateau", "valid")) == [1, 2, 3, 4]  # best, then exactly 3 without improvement
+    assert (tmp_path / "plateau" / "latest").read_text().strip() == "4"  # the final checkpoint
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_short_training_in_each_precision(tmp_path, shards, precision):
+    code, out = torchrun(2, tmp_path / precision, f"data.prefix={shards}", f"train.precision={precision}",
+                         "train.max_steps=4", "train.eval_interval=2", "train.log_interval=1",
+                         "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true")
+    assert code == 0, out[-3000:]
+    train = metrics(tmp_path / precision)
+    assert sorted(train) == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) and not r["skipped"] for r in train.values())

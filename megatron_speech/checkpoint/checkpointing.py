@@ -61,7 +61,7 @@ def _ema_entries(model_sd: dict, ema) -> dict[str, ShardedTensor]:
     out = {}
     for name, sh in model_sd.items():
         if isinstance(sh, ShardedTensor) and id(sh.data) in by_param:
-            out[name] = dataclasses.replace(sh, key="ema." + sh.key, data=by_param[id(sh.data)])
+            out[name] = dataclasses.replace(sh, key="ema." + sh.key, data=by_param[id(sh.data)], dtype=torch.float32)
     return out
 
 
