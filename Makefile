@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo lint clean
+.PHONY: setup sysdeps test demo lint clean
 
 setup: $(STAMP)
 
@@ -19,10 +19,25 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-test: $(STAMP)
+# Debian packages the demo corpus and the Slurm stage need (root + apt; skipped with a notice elsewhere).
+SYSDEPS := espeak-ng flite sox
+SYSDEPS_OPTIONAL := asterisk-core-sounds-en-wav asterisk-core-sounds-ru-wav asterisk-core-sounds-it-wav \
+	asterisk-core-sounds-en asterisk-moh-opsound-wav
+sysdeps:
+	@if command -v espeak-ng >/dev/null && command -v flite >/dev/null && command -v sox >/dev/null; then \
+		echo "system packages present"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSDEPS) >/dev/null && \
+		(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSDEPS_OPTIONAL) >/dev/null || \
+		 echo "optional recorded prompts not installed: the demo corpus uses synthetic speech only"); \
+	else \
+		echo "missing Debian packages; run as root: apt-get install $(SYSDEPS) $(SYSDEPS_OPTIONAL)"; \
+	fi
+
+test: $(STAMP) sysdeps
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests
 
-demo: $(STAMP)
+demo: $(STAMP) sysdeps
 	OMP_NUM_THREADS=1 $(PY) tools/demo.py --out demo
 
 lint: $(STAMP)

@@ -133,6 +133,9 @@ class TrainConfig:
     """Checkpoints kept in save_dir (the oldest are deleted after a save completes); 0 = keep all."""
     resume: bool = True
     """Resume from <save_dir>/latest when it exists; False starts at step 0, ignoring existing checkpoints."""
+    init_checkpoint: str = ""
+    """A checkpoint (ours, or tools/convert_from_hf.py's) whose model weights start a fresh run; ignored when
+    save_dir already holds a checkpoint to resume. Empty = random initialization."""
     eval_interval: int = 10_000
     """Evaluate on the valid shards every this many steps; 0 = never (then the eval alarms must be off)."""
     eval_iters: int = 50

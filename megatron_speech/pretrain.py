@@ -22,6 +22,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_speech.checkpoint.checkpointing import checkpoint_dir, latest_step, load_checkpoint, save_checkpoint
+from megatron_speech.checkpoint.model_io import load_model_weights
 from megatron_speech.config import config_to_dict, format_help, load_config, parse_cli
 from megatron_speech.data.loader import build_eval_loader, build_pretrain_loader
 from megatron_speech.models.wav2vec2.factory import build_pretraining_model, gumbel_temperature, transformer_config
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     tconfig = transformer_config(cfg.model, tp, p.sequence_parallel_enabled, t.precision, t.recompute_transformer)
     tconfig.recompute_num_layers = t.recompute_num_layers if t.recompute_transformer == "full" else None
     model = build_pretraining_model(cfg.model, tconfig, recompute_conv=t.recompute_conv)
+    resume_from = latest_step(t.save_dir) if t.resume else None
+    if resume_from is None and t.init_checkpoint:  # before wrapping: DDP and the optimizer copy the weights
+        load_model_weights(t.init_checkpoint, model)
+        logger.info("initialized the model from %s", t.init_checkpoint)
     ddp = wrap_for_training(model, p.use_distributed_optimizer, p.overlap_grad_reduce)
     optimizer = build_optimizer(ddp, cfg.optim, t, p)
     scheduler = build_scheduler(optimizer, cfg.optim)
@@ -73,7 +78,6 @@ def main(argv: list[str] | None = None) -> int:
                 f"{sum(q.numel() for q in model.parameters()):,}")
 
     step, loader_state = 0, None
-    resume_from = latest_step(t.save_dir) if t.resume else None
     if resume_from is not None:
         state = load_checkpoint(checkpoint_dir(t.save_dir, resume_from), ddp, optimizer, scheduler, ema)
         step, loader_state = state["step"], state["loader"]

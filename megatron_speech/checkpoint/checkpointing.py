@@ -76,8 +76,9 @@ def _rng_entry() -> ShardedObject:
 
 def _state(model, optimizer, ema, *, is_loading: bool, with_rng: bool) -> dict[str, Any]:
     model_sd = _unwrap(model).sharded_state_dict()
-    state = {"model": model_sd,
-             "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIM_METADATA)}
+    state: dict[str, Any] = {"model": model_sd}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIM_METADATA)
     if ema is not None and ema.enabled:
         state["ema"] = _ema_entries(model_sd, ema)
     if with_rng:
@@ -87,7 +88,8 @@ def _state(model, optimizer, ema, *, is_loading: bool, with_rng: bool) -> dict[s
 
 def save_checkpoint(save_dir: str | Path, step: int, model, optimizer, scheduler, ema, trainer_state: dict,
                     keep_last: int = 0) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
+    """Collective: every rank calls it. optimizer / scheduler / ema may be None (a weights-only checkpoint).
+    Returns the checkpoint directory."""
     path = checkpoint_dir(save_dir, step)
     if dist.get_rank() == 0:
         if path.exists():  # debris of a save that died before `latest` moved: never a complete checkpoint
@@ -95,7 +97,7 @@ def save_checkpoint(save_dir: str | Path, step: int, model, optimizer, scheduler
         path.mkdir(parents=True)
     dist.barrier()
     state = _state(model, optimizer, ema, is_loading=False, with_rng=True)
-    state["scheduler"] = scheduler.state_dict()
+    state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     state["trainer"] = dict(trainer_state, step=step, layout=_layout())
     dist_checkpointing.save(state, str(path))
     dist.barrier()  # every rank's shards are on disk
@@ -114,21 +116,25 @@ def save_checkpoint(save_dir: str | Path, step: int, model, optimizer, scheduler
 
 
 def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, ema=None) -> dict:
-    """Collective. Loads everything given (None = skip) at the current layout, resharding as needed; the RNG
-    states are restored only when the layout is the one that saved them. Returns the trainer state."""
+    """Collective. Loads everything given (None = skip) at the current layout, resharding as needed. A full
+    resume (optimizer given) also restores every rank's RNG states when the layout is the one that saved them.
+    Returns the trainer state."""
     path = Path(path)
     if not (path / "metadata.json").exists():
         raise ValueError(f"{path} is not a complete dist_checkpointing checkpoint (no metadata.json)")
     common = dist_checkpointing.load_common_state_dict(str(path))
-    same_layout = common["trainer"]["layout"] == _layout()
+    restore_rng = optimizer is not None and common["trainer"]["layout"] == _layout()
     model_sd = _unwrap(model).sharded_state_dict()
     template: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
+        if common.get("scheduler") is None:
+            raise ValueError(f"{path} holds model weights only (no optimizer state): load it with "
+                             "train.init_checkpoint, not as a run to resume")
         _materialize_optimizer_state(optimizer)
         template["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_METADATA)
     if ema is not None and ema.enabled and "ema" in _saved_top_keys(path):
         template["ema"] = _ema_entries(model_sd, ema)
-    if same_layout:
+    if restore_rng:
         template["rng"] = _rng_entry()
     loaded = dist_checkpointing.load(template, str(path))
     _unwrap(model).load_state_dict(loaded["model"])
@@ -136,13 +142,16 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, ema
         optimizer.load_state_dict(loaded["optimizer"])
         unshare_adam_steps(optimizer)
     if scheduler is not None:
+        if common.get("scheduler") is None:
+            raise ValueError(f"{path} holds model weights only (no optimizer/scheduler): load it with "
+                             "train.init_checkpoint, not as a run to resume")
         scheduler.load_state_dict(common["scheduler"])
     if "ema" in template:
         with torch.no_grad():  # torch_dist loads into the template's tensors in place; other strategies may not
             for name, sh in template["ema"].items():
                 if loaded["ema"][name].data_ptr() != sh.data.data_ptr():
                     sh.data.copy_(loaded["ema"][name])
-    if same_layout:
+    if restore_rng:
         _restore_rng(loaded["rng"])
     return common["trainer"]
 

@@ -1,0 +1,66 @@
+"""A model from a self-describing checkpoint directory (it stores the config it was trained with), and a model
+written as a checkpoint. Used by the converters, `embed`, `evaluate` and `finetune`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+
+from megatron_speech.checkpoint.checkpointing import LATEST, load_checkpoint, save_checkpoint
+from megatron_speech.config import Config, config_from_dict
+from megatron_speech.training.ema import EMA
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory: an iter_NNNNNNN/ folder itself, or a save_dir (its `latest`)."""
+    path = Path(path)
+    if (path / "metadata.json").exists():
+        return path
+    marker = path / LATEST
+    if marker.exists():
+        return path / f"iter_{int(marker.read_text()):07d}"
+    raise ValueError(f"{path} is neither a checkpoint (iter_NNNNNNN/ with metadata.json) nor a save_dir with a "
+                     f"'{LATEST}' file: pass one of those")
+
+
+def checkpoint_config(path: str | Path) -> Config:
+    """The config a checkpoint was trained with."""
+    common = dist_checkpointing.load_common_state_dict(str(resolve(path)))
+    try:
+        return config_from_dict(common["trainer"]["config"], source=f"{path} (stored config)")
+    except KeyError:
+        raise ValueError(f"{path} stores no config: not a megatron-speech checkpoint") from None
+
+
+def load_model_weights(path: str | Path, model: torch.nn.Module, use_ema: bool = False) -> dict:
+    """Load the model's (or, with use_ema, the EMA's) weights into `model` at the current layout. Collective.
+    Returns the stored trainer state."""
+    path = resolve(path)
+    if not use_ema:
+        return load_checkpoint(path, model)
+    ema = EMA(model, 0.5)  # the decay is irrelevant: only its storage is filled from the checkpoint
+    state = load_checkpoint(path, model, ema=ema)
+    if not _has_ema(path):
+        raise ValueError(f"{path} has no EMA weights (train.ema_decay was 0): drop --ema")
+    ema.copy_to()
+    return state
+
+
+def _has_ema(path: Path) -> bool:
+    return any(k.startswith("ema.") for k in dist_checkpointing.load_tensors_metadata(str(path)))
+
+
+def save_model_only(save_dir: str | Path, model: torch.nn.Module, cfg: Config, step: int = 0) -> Path:
+    """A checkpoint holding the model weights and the config (no optimizer): what convert_from_hf writes and
+    train.init_checkpoint / finetune's `pretrained=` read."""
+    from megatron_speech.config import config_to_dict
+
+    return save_checkpoint(save_dir, step, model, None, None, None, {"config": config_to_dict(cfg)})
+
+
+def world_is_single() -> bool:
+    return not dist.is_initialized() or (dist.get_world_size() == 1 and
+                                        parallel_state.get_tensor_model_parallel_world_size() == 1)
