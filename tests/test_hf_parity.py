@@ -133,3 +133,29 @@ def test_mapping_round_trips_every_tensor_exactly(pair):
 def test_unsupported_variants_are_refused(kw, words):
     with pytest.raises(ValueError, match=words):
         interop.config_from_hf(hf_tiny_config(**kw))
+
+
+def test_padded_batch_matches_attention_mask(pair):
+    """Fine-tuning batches pad: padded frames are zeroed before the positional conv and never attended to,
+    exactly as transformers does with attention_mask."""
+    cfg, hf, ours = pair
+    rng = np.random.default_rng(3)
+    lengths = [cfg.num_samples(40), cfg.num_samples(31) + 123, cfg.num_samples(17) + 5]
+    wave = torch.zeros(3, max(lengths))
+    sample_mask = torch.zeros(3, max(lengths), dtype=torch.long)
+    for b, n in enumerate(lengths):
+        wave[b, :n] = torch.from_numpy(rng.standard_normal(n).astype(np.float32))
+        sample_mask[b, :n] = 1
+    num_frames = cfg.num_frames(max(lengths))
+    real = torch.tensor([cfg.num_frames(n) for n in lengths])
+    padding = torch.arange(num_frames)[None, :] >= real[:, None]
+    with torch.no_grad():
+        ref = hf.wav2vec2(wave, attention_mask=sample_mask, output_hidden_states=True)
+        hidden = ours.encode(wave, padding_mask=padding, all_layers=True)
+    assert len(hidden) == len(ref.hidden_states) + 1
+    for layer, expected in enumerate(ref.hidden_states):
+        for b in range(3):  # only real frames are defined
+            torch.testing.assert_close(hidden[layer][b, :real[b]], expected[b, :real[b]], atol=1e-4, rtol=1e-4)
+    for b in range(3):
+        torch.testing.assert_close(hidden[-1][b, :real[b]], ref.last_hidden_state[b, :real[b]], atol=1e-4,
+                                   rtol=1e-4)

@@ -143,6 +143,6 @@ def setup_logging(rank: int) -> None:
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     logging.getLogger("megatron").setLevel(logging.WARNING)
     for pattern in (".*Transformer Engine and Apex are not installed.*", ".*Apex is not installed.*",
-                    ".*is deprecated. Please use `torch.distributed.*", ".*non-leaf Tensor is being accessed.*",
+                    ".*is deprecated. Please use `torch.distributed.*", ".*not a leaf Tensor is being accessed.*",
                     ".*full scope is deprecated.*"):
         warnings.filterwarnings("ignore", message=pattern)

@@ -64,26 +64,28 @@ class Wav2Vec2Encoder(MegatronModule):
             self._dropout_rng = nullcontext
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                output_layer: int | None = None) -> torch.Tensor:
+                output_layer: int | None = None, all_layers: bool = False):
         """`attention_mask` [b, 1, 1, s] True at padded frames. `output_layer` L returns the output of
-        transformer layer L (1-based) before any final norm, like transformers' hidden_states[L]."""
+        transformer layer L (1-based) before any final norm, like transformers' hidden_states[L]; `all_layers`
+        returns [hidden_states[0], ..., hidden_states[L], final output] (a SUPERB-style weighted sum)."""
         x = self._to_block(x)
         # pos conv over [b, s, h]; [s, b, h] <-> [b, s, h] at each side
         pos = self.pos_conv(self._pos_in(x).transpose(0, 1)).transpose(0, 1)
         x = x + self._pos_out(pos)
         with self._dropout_rng():
             x = self.dropout(x)
-        if output_layer is None:
-            x = self.block(x, attention_mask)
-        else:
-            x = self._run_layers(x, attention_mask, output_layer)
-        return self._from_block(x)
-
-    def _run_layers(self, x: torch.Tensor, attention_mask: torch.Tensor | None, num_layers: int) -> torch.Tensor:
-        if not 0 <= num_layers <= len(self.block.layers):
-            raise ValueError(f"layer {num_layers} out of range: the model has {len(self.block.layers)} layers")
+        if output_layer is None and not all_layers:
+            return self._from_block(self.block(x, attention_mask))
+        num = len(self.block.layers) if all_layers else output_layer
+        if not 0 <= num <= len(self.block.layers):
+            raise ValueError(f"layer {num} out of range: the model has {len(self.block.layers)} layers")
+        outputs = [x]
         rng = tensor_parallel.get_cuda_rng_tracker().fork() if self.config.sequence_parallel else nullcontext()
         with rng:
-            for layer in self.block.layers[:num_layers]:
+            for layer in self.block.layers[:num]:
                 x, _ = layer(hidden_states=x, attention_mask=attention_mask)
-        return x
+                outputs.append(x)
+            if not all_layers:
+                return self._from_block(x)
+            outputs.append(self.block.final_layernorm(x))
+        return [self._from_block(h) for h in outputs]

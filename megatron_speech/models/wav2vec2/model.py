@@ -120,16 +120,31 @@ class Wav2Vec2ForPretraining(MegatronModule):
         return feats, self.post_extract_proj(feats), penalty_sum, penalty_count, (f0, f1)
 
     def encode(self, waveform: torch.Tensor, mask: torch.Tensor | None = None,
-               output_layer: int | None = None) -> torch.Tensor:
-        """Context vectors [B, F, H] of the whole utterance (gathered over TP): after the final LayerNorm
-        (transformers' last_hidden_state), or the output of layer `output_layer` (its hidden_states[L]).
-        `mask` [B, F] replaces those frames by the mask embedding, as in pre-training."""
+               padding_mask: torch.Tensor | None = None, channel_mask: torch.Tensor | None = None,
+               output_layer: int | None = None, all_layers: bool = False):
+        """The encoder as fine-tuning and embedding use it: context vectors [B, F, H] of the whole utterance
+        (gathered over TP) after the final LayerNorm (transformers' last_hidden_state), or the output of layer
+        `output_layer` (its hidden_states[L]); with `all_layers`, the list hidden_states[0..L] followed by the
+        final output. `mask` [B, F]: frames replaced by the mask embedding; `padding_mask` [B, F]: True at
+        padded frames (zeroed before the positional conv and never attended to, as transformers does);
+        `channel_mask` [B, H]: channels zeroed (SpecAugment)."""
         num_frames = self.feature_extractor.num_frames(waveform.shape[1])
         _, x, _, _, (f0, f1) = self.extract_features(waveform, num_frames)
+        with tensor_parallel.get_cuda_rng_tracker().fork():  # local slices: TP-rank-specific dropout
+            x = self.dropout_input(x)
         if mask is not None:
             x = torch.where(mask[:, f0:f1, None], self.mask_emb.to(x.dtype), x)
-        x = self.encoder(x.transpose(0, 1).contiguous(), output_layer=output_layer)  # [s/tp, b, h]
-        return self._time_gather(x.transpose(0, 1))  # [b, s/tp, h] -> [B, F, H]
+        if channel_mask is not None:
+            x = x.masked_fill(channel_mask[:, None, :], 0.0)
+        attention_mask = None
+        if padding_mask is not None:
+            x = x.masked_fill(padding_mask[:, f0:f1, None], 0.0)
+            attention_mask = padding_mask[:, None, None, :]  # [b, 1, 1, s]: megatron's padding mask, True = pad
+        out = self.encoder(x.transpose(0, 1).contiguous(), attention_mask, output_layer=output_layer,
+                           all_layers=all_layers)  # [s/tp, b, h] (a list with all_layers)
+        if all_layers:
+            return [self._time_gather(h.transpose(0, 1)) for h in out]
+        return self._time_gather(out.transpose(0, 1))  # [b, s/tp, h] -> [B, F, H]
 
     def quantized_targets(self, waveform: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(projected targets [N, D], codes [N, G]) of this rank's masked frames, in (batch, time) order."""
