@@ -139,3 +139,45 @@ def test_short_training_in_each_precision(tmp_path, shards, precision):
     train = metrics(tmp_path / precision)
     assert sorted(train) == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) and not r["skipped"] for r in train.values())
+
+
+@pytest.fixture(scope="module")
+def demo_shards(tmp_path_factory):
+    """The demo corpus (small scale) packed by the real preprocessing tool."""
+    if subprocess.run(["which", "espeak-ng"], capture_output=True).returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail("espeak-ng missing in CI: `make sysdeps` should have installed it")
+        pytest.skip("espeak-ng not installed (make sysdeps)")
+    root = tmp_path_factory.mktemp("demo")
+    for cmd in (["tools/make_demo_corpus.py", "--out", str(root / "corpus"), "--scale", "0.2"],
+                ["tools/preprocess_audio.py", "--input", str(root / "corpus" / "pretrain" / "manifest.jsonl"),
+                 "--output-prefix", str(root / "shards"), "--workers", "2", "--valid-fraction", "0.1"]):
+        r = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return root
+
+
+def test_pretraining_learns_the_masked_objective(tmp_path, demo_shards):
+    from megatron_speech.models.wav2vec2.masker import compute_span_mask, counter_rng
+    from tests.fixtures import tiny_config
+
+    steps = 400
+    code, out = torchrun(2, tmp_path / "learn", f"data.prefix={demo_shards / 'shards'}", f"train.max_steps={steps}",
+                         f"optim.decay_steps={steps}", "optim.warmup_steps=30", "train.eval_interval=100",
+                         "train.log_interval=10", "train.save_interval=1000", "train.seed=1")
+    assert code == 0, out[-3000:]
+    train, valid = metrics(tmp_path / "learn"), metrics(tmp_path / "learn", "valid")
+    k = tiny_config().model.num_negatives
+    chance = 1 / (k + 1)
+    early = np.mean([train[s]["loss"] for s in (10, 20, 30)])
+    late = np.mean([train[s]["loss"] for s in (steps - 20, steps - 10, steps)])
+    assert late < early - 0.15, (early, late)  # the contrastive loss falls
+    assert valid[steps]["accuracy"] > 2 * chance, valid[steps]  # well above guessing among K + 1
+    assert valid[steps]["code_perplexity"] > 0.25 * 32  # no codebook collapse
+    # the logged fraction of masked frames is what the masker produces for these crops (the objective is masked)
+    cfg = tiny_config().model
+    rng = counter_rng(0, 0, 0, 0)
+    expected = np.mean([compute_span_mask((4, f), cfg.mask_prob, cfg.mask_length_frames, rng, min_masks=2).mean()
+                        for f in range(50, 200, 5) for _ in range(5)])
+    logged = np.mean([r["mask_fraction"] for r in train.values()])
+    assert abs(logged - expected) < 0.06, (logged, expected)
