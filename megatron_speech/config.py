@@ -6,7 +6,7 @@
     assert config_from_dict(d) == cfg
 
 Dataclass defaults are the XL recipe (DESIGN §6). A YAML file is a mapping of sections (`model`,
-`data`, `optim`, `train`, `parallel`, `logging`) to the keys it changes. Every key is checked against the
+`data`, `optim`, `train`, `parallel`, `logging`, `finetune`) to the keys it changes. Every key is checked against the
 dataclass: an unknown section or key, or a value of the wrong type, is a ValueError naming the dotted key
 (and close matches).
 """
@@ -14,6 +14,7 @@ dataclass: an unknown section or key, or a value of the wrong type, is a ValueEr
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import difflib
 import functools
@@ -33,6 +34,7 @@ from megatron_speech.models.wav2vec2.config import SAMPLE_RATE, Wav2Vec2Config
 Precision = Literal["fp32", "bf16", "fp16"]
 Recompute = Literal["none", "full", "selective"]
 WandbMode = Literal["offline", "online", "disabled"]
+FinetuneTask = Literal["none", "phoneme", "asr", "speaker", "emotion"]
 
 
 @dataclass
@@ -203,6 +205,59 @@ class LoggingConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Fine-tuning (python -m megatron_speech.finetune): task, labels, head, freezing, masking. Unused by pretrain."""
+
+    task: FinetuneTask = "none"
+    """Task: phoneme (CTC over phonemes, PER), asr (CTC over characters, WER/CER), speaker / emotion (mean-pooled
+    linear classifier, accuracy; emotion also unweighted accuracy); "none" = not a fine-tuning run."""
+    pretrained: str = ""
+    """Checkpoint (ours, a fine-tuned one, or tools/convert_from_hf.py's) whose encoder starts fine-tuning; the
+    model section and waveform normalization come from it. "" or "none" = an untrained encoder (scratch_config)."""
+    pretrained_ema: bool = False
+    """Start from the pretrained checkpoint's EMA weights instead of its raw ones."""
+    scratch_config: str = "configs/tiny.yaml"
+    """Without a pretrained checkpoint: config file whose model section (and data normalization) builds the untrained
+    encoder; a relative path is tried from the working directory, then from the repository root."""
+    label_key: str = ""
+    """Manifest key of each utterance's label; "" = the task's: phonemes, text, speaker, emotion. The demo's emotion
+    stand-in is a prosody-style label: label_key=arousal_proxy (never call it emotion data)."""
+    labels: list[str] = field(default_factory=list)
+    """Output vocabulary: CTC tokens after the blank (index 0; asr writes the word gap as "|"), or class names;
+    empty = collected from the training manifest at start. Stored in every checkpoint."""
+    freeze_encoder_steps: int = 0
+    """Steps at the start during which only the head (and layer weights) train: the whole encoder is frozen and out
+    of the optimizer; the optimizer is rebuilt with the encoder at this step."""
+    freeze_feature_encoder: bool = True
+    """Keep the conv feature encoder frozen for the whole run (fairseq's feature_grad_mult=0 when fine-tuning)."""
+    layer_weighting: bool = False
+    """Feed the head a learned softmax-weighted sum of the hidden states (SUPERB), transformers' hidden_states[0..L]
+    (the last one after the final LayerNorm), instead of the last hidden state only."""
+    final_dropout: float = 0.0
+    """Dropout on the head's input during training (transformers' final_dropout)."""
+    mask_prob: float = 0.0
+    """Probability that a frame starts a masked time span while fine-tuning (fairseq: 0.5-0.75); 0 = off. Padded
+    frames are never masked."""
+    mask_length: int = 10
+    """Masked time span length, in frames (20 ms each)."""
+    mask_channel_prob: float = 0.0
+    """Probability that a hidden channel starts a masked channel span while fine-tuning; 0 = off."""
+    mask_channel_length: int = 64
+    """Masked channel span length, in channels (at most model.hidden_size)."""
+
+    @property
+    def pretrained_path(self) -> str:
+        """The pretrained checkpoint, or "" for an untrained encoder ("none" means "")."""
+        return "" if self.pretrained.strip().lower() in ("", "none") else self.pretrained
+
+    @property
+    def task_label_key(self) -> str:
+        """The manifest key read as the label: label_key, or the task's default."""
+        defaults = {"phoneme": "phonemes", "asr": "text", "speaker": "speaker", "emotion": "emotion"}
+        return self.label_key or defaults.get(self.task, "")
+
+
+@dataclass
 class Config:
     """A whole run: model and objective, data, optimizer, training loop, parallel layout, logging."""
 
@@ -218,6 +273,8 @@ class Config:
     """Parallel layout."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics destinations."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """Fine-tuning task and head (python -m megatron_speech.finetune); unused by pre-training."""
 
     def validate(self, world_size: int | None = None) -> None:
         """Check cross-field rules; raise one ValueError listing every problem (each names its dotted key).
@@ -353,10 +410,27 @@ class Config:
                  f"train.recompute_num_layers={t.recompute_num_layers} must be in [1, model.num_layers="
                  f"{m.num_layers}] with train.recompute_transformer='full'")
 
+        # --- fine-tuning (only checked for a fine-tuning run)
+        ft = self.finetune
+        if ft.task != "none":
+            positive(ft, "finetune", "freeze_encoder_steps", allow_zero=True)
+            positive(ft, "finetune", "mask_length", "mask_channel_length")
+            for name in ("mask_prob", "mask_channel_prob", "final_dropout"):
+                v = getattr(ft, name)
+                need(0.0 <= v < 1.0, f"finetune.{name}={v} must be in [0, 1)")
+            need(ft.mask_channel_length <= m.hidden_size,
+                 f"finetune.mask_channel_length={ft.mask_channel_length} must be <= model.hidden_size={m.hidden_size}")
+            need(len(set(ft.labels)) == len(ft.labels), f"finetune.labels has duplicates: {ft.labels}")
+            need(not d.speed_perturb, f"data.speed_perturb={d.speed_perturb}: fine-tuning never crops labeled audio, "
+                                      "and speed perturbation would; set data.speed_perturb=[]")
+            need(t.perplexity_floor_evals == 0, "train.perplexity_floor_evals must be 0 when fine-tuning (the "
+                                                "quantizer is not used)")
+
         # --- choices (checked by type on load; repeated here for configs built in code)
         for key, value, choices in (("train.precision", t.precision, Precision),
                                     ("train.recompute_transformer", t.recompute_transformer, Recompute),
-                                    ("logging.wandb_mode", lg.wandb_mode, WandbMode)):
+                                    ("logging.wandb_mode", lg.wandb_mode, WandbMode),
+                                    ("finetune.task", self.finetune.task, FinetuneTask)):
             need(value in get_args(choices), f"{key}={value!r} must be one of {list(get_args(choices))}")
 
         if problems:
@@ -605,20 +679,25 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def load_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
-    """Dataclass defaults, then the YAML file at path (if any), then each `section.key=value` in order.
+def load_config(path: str | None, overrides: Sequence[str] = (), base: Config | None = None,
+                validate: bool = True) -> Config:
+    """Dataclass defaults (or a copy of `base`), then the YAML file at path (if any), then each `section.key=value`
+    in order.
 
-    Returns a Config that passed validate() without a world size; call cfg.validate(world_size) once known.
+    Returns a Config that passed validate() without a world size (unless validate=False, for a first look at a
+    few keys); call cfg.validate(world_size) once known. Fine-tuning passes the pretrained checkpoint's config as
+    `base`, so the file and overrides apply on top of its model section.
     Raises ValueError for unknown keys, wrong types and broken rules, naming the dotted key.
     """
-    cfg = Config()
+    cfg = copy.deepcopy(base) if base is not None else Config()
     if path is not None:
         with open(path) as f:
             mapping = yaml.load(f, Loader=_StrictLoader)  # a SafeLoader subclass
         _apply_mapping(cfg, mapping, path)
     for override in overrides:
         apply_override(cfg, override)
-    cfg.validate()
+    if validate:
+        cfg.validate()
     return cfg
 
 
