@@ -146,7 +146,8 @@ class Wav2Vec2Config:
             )
         if self.hidden_size % self.pos_conv_groups:
             raise ValueError(
-                f"model.hidden_size={self.hidden_size} must be divisible by model.pos_conv_groups={self.pos_conv_groups}"
+                f"model.hidden_size={self.hidden_size} must be divisible by "
+                f"model.pos_conv_groups={self.pos_conv_groups}"
             )
         if self.activation_dropout != 0.0:
             raise ValueError("model.activation_dropout must be 0: megatron-core's MLP has no inner dropout")

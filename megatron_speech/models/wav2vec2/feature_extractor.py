@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layer_spec import fp32_layer_norm
+
 
 class _GradMultiply(torch.autograd.Function):
     """Scales the gradient only (fairseq's feature_grad_mult: 0.1 stabilizes base-size pre-training)."""
@@ -38,9 +40,7 @@ class ConvBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(x)
         # [B, C, T] -> [B, T, C] for the channel LayerNorm, and back
-        x = F.layer_norm(x.transpose(1, 2).float(), self.layer_norm.normalized_shape,
-                         self.layer_norm.weight.float(), self.layer_norm.bias.float(), self.layer_norm.eps)
-        return F.gelu(x.to(self.conv.weight.dtype).transpose(1, 2))
+        return F.gelu(fp32_layer_norm(x.transpose(1, 2), self.layer_norm).transpose(1, 2))
 
 
 class ConvFeatureExtractor(nn.Module):

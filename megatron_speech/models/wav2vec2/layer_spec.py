@@ -32,6 +32,12 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.utils import divide
 
 
+def fp32_layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
+    """`norm` applied in fp32 whatever the activation dtype, result in x's dtype: fp16 statistics over 512-1024
+    channels lose precision (DESIGN §5: LayerNorms stay fp32 under mixed precision)."""
+    return F.layer_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps).to(x.dtype)
+
+
 class LayerNorm(torch.nn.LayerNorm):
     """LayerNorm computed in fp32 whatever the activation dtype, usable with sequence parallelism.
 
@@ -46,10 +52,7 @@ class LayerNorm(torch.nn.LayerNorm):
             p.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fp32 statistics: fp16 LayerNorm over 1024 channels loses precision (DESIGN §5).
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps).to(
-            x.dtype
-        )
+        return fp32_layer_norm(x, self)
 
 
 class SDPAttention(MegatronModule):

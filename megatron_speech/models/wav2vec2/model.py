@@ -21,6 +21,7 @@ from torch import nn
 
 from .encoder import Wav2Vec2Encoder
 from .feature_extractor import ConvFeatureExtractor
+from .layer_spec import fp32_layer_norm
 from .quantizer import GumbelVectorQuantizer, perplexity
 
 
@@ -83,10 +84,10 @@ class Wav2Vec2ForPretraining(MegatronModule):
         for linear in (self.post_extract_proj, self.project_q, self.project_hid):
             nn.init.normal_(linear.weight, std=config.init_method_std)
             nn.init.zeros_(linear.bias)
-        tp_group = pg_collection.tp
         # TP exchanges are chosen here, once: at TP=1 they are the identity.
-        self._tp_sum = partial(dist_fn.all_reduce, group=tp_group) if tp_group.size() > 1 else _identity
-        self._time_gather = partial(_time_gather, group=tp_group) if tp_group.size() > 1 else _identity
+        tp = self.tp_group.size()
+        self._tp_sum = partial(dist_fn.all_reduce, group=self.tp_group) if tp > 1 else _identity
+        self._time_gather = partial(_time_gather, group=self.tp_group) if tp > 1 else _identity
         self.logit_temperature = logit_temperature
         self.diversity_loss_weight = diversity_loss_weight
         self.feature_penalty_weight = feature_penalty_weight
@@ -115,8 +116,7 @@ class Wav2Vec2ForPretraining(MegatronModule):
         feats = self.feature_extractor(waveform, f0, f1).transpose(1, 2)  # [B, C, F/tp] -> [B, F/tp, C]
         penalty_sum = feats.float().pow(2).sum()
         penalty_count = torch.tensor(float(feats.numel()), device=feats.device)
-        feats = F.layer_norm(feats.float(), self.layer_norm.normalized_shape, self.layer_norm.weight.float(),
-                             self.layer_norm.bias.float(), self.layer_norm.eps).to(feats.dtype)
+        feats = fp32_layer_norm(feats, self.layer_norm)
         return feats, self.post_extract_proj(feats), penalty_sum, penalty_count, (f0, f1)
 
     def encode(self, waveform: torch.Tensor, mask: torch.Tensor | None = None,
