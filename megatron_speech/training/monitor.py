@@ -71,7 +71,8 @@ class Monitor:
         self.write(step, "train", values)
         if self.rank == 0:
             logger.info("step %7d | loss %.4f | acc %.3f | ppl %6.1f | lr %.3e | gnorm %.3f | scale %g | "
-                        "%.0f audio-s/s", step, out["loss"], out["accuracy"], out["code_perplexity"], lr, grad_norm, loss_scale, rate)
+                        "%.0f audio-s/s", step, out["loss"], out["accuracy"], out["code_perplexity"], lr, grad_norm,
+                        loss_scale, rate)
 
     # ---- decisions (same inputs on every rank -> same answers) ---------------------------------------------
 
