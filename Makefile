@@ -19,15 +19,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-# Debian packages the demo corpus and the Slurm stage need (root + apt; skipped with a notice elsewhere).
-SYSDEPS := espeak-ng flite sox
+# Debian packages the demo corpus (speech engines) and the real-Slurm test stage need (root + apt; elsewhere a
+# notice, and those tests skip unless CI is set).
+SYSDEPS := espeak-ng flite sox slurmctld slurmd slurm-client munge shellcheck
 SYSDEPS_OPTIONAL := asterisk-core-sounds-en-wav asterisk-core-sounds-ru-wav asterisk-core-sounds-it-wav \
 	asterisk-core-sounds-en asterisk-moh-opsound-wav
 sysdeps:
-	@if command -v espeak-ng >/dev/null && command -v flite >/dev/null && command -v sox >/dev/null; then \
+	@if command -v espeak-ng >/dev/null && command -v flite >/dev/null && command -v sox >/dev/null && \
+		command -v slurmctld >/dev/null && command -v munged >/dev/null && command -v shellcheck >/dev/null; then \
 		echo "system packages present"; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSDEPS) >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSDEPS) >/dev/null && \
 		(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSDEPS_OPTIONAL) >/dev/null || \
 		 echo "optional recorded prompts not installed: the demo corpus uses synthetic speech only"); \
 	else \
