@@ -35,6 +35,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 Recompute = Literal["none", "full", "selective"]
 WandbMode = Literal["offline", "online", "disabled"]
 FinetuneTask = Literal["none", "phoneme", "asr", "speaker", "emotion"]
+SaveErrorPolicy = Literal["stop", "continue"]
 
 
 @dataclass
@@ -149,13 +150,20 @@ class TrainConfig:
     early_stop_patience: int = 5
     """Stop after this many evaluations in a row without a lower valid loss; 0 = off."""
     max_bad_steps: int = 20
-    """Stop after this many steps in a row with a NaN/inf loss (each skipped); fp16 overflows do not count."""
+    """Stop after this many steps in a row with a NaN/inf loss or gradient (each skipped, on every rank); fp16
+    overflows do not count (the loss-scale floor policy watches those)."""
     perplexity_floor_fraction: float = 0.05
     """Code-collapse alarm: valid code perplexity below this fraction of G x V (the codebook size)..."""
     perplexity_floor_evals: int = 3
     """...for this many evaluations in a row stops the run; 0 = off."""
     exit_on_signal: bool = True
     """On SIGUSR1/SIGTERM: finish the step (all ranks at the same step), save, exit with the requeue code."""
+    collective_timeout_seconds: float = 600.0
+    """Seconds a collective (all-reduce, barrier, checkpoint exchange) may wait for a peer before failing: a dead
+    or stuck rank then stops the job (exit 4) instead of hanging it. Must exceed the slowest save and evaluation."""
+    on_save_error: SaveErrorPolicy = "stop"
+    """A checkpoint save fails (disk full, unwritable): "stop" (exit 5) or "continue" training and retry at the
+    next save; either way <save_dir>/latest keeps naming the previous complete checkpoint."""
     recompute_transformer: Recompute = "none"
     """Transformer activation recompute: "none", "full" (whole layers) or "selective" (attention core)."""
     recompute_num_layers: int = 1
@@ -231,8 +239,8 @@ class FinetuneConfig:
     freeze_feature_encoder: bool = True
     """Keep the conv feature encoder frozen for the whole run (fairseq's feature_grad_mult=0 when fine-tuning)."""
     layer_weighting: bool = False
-    """Feed the head a learned softmax-weighted sum of the hidden states (SUPERB), transformers' hidden_states[0..L]
-    (the last one after the final LayerNorm), instead of the last hidden state only."""
+    """Feed the head a learned softmax-weighted sum of the hidden states (SUPERB): the positional-conv output and
+    every layer's output (transformers' >= 5 hidden_states[0..L]), instead of the final (LayerNorm'ed) output."""
     final_dropout: float = 0.0
     """Dropout on the head's input during training (transformers' final_dropout)."""
     mask_prob: float = 0.0
@@ -282,10 +290,21 @@ class Config:
         world_size: total ranks, when known (before process groups form): TP must divide it.
         """
         problems: list[str] = []
+        # Every float finite first: inf passes the lower bounds below (and breaks the arithmetic of the rest),
+        # NaN passes any rule phrased as what must not hold.
+        for section in _sections():
+            for name, value in vars(getattr(self, section)).items():
+                if any(isinstance(v, float) and not math.isfinite(v)
+                       for v in (value if isinstance(value, (list, tuple)) else [value])):
+                    problems.append(f"{section}.{name}={value} must be a finite number")
+        if problems:
+            raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
         try:
             self.model.validate()
         except ValueError as e:
             problems.append(str(e))
+        except ArithmeticError:  # a zero size it divides by: the size checks below name it
+            pass
         m, d, o, t, p, lg = self.model, self.data, self.optim, self.train, self.parallel, self.logging
 
         def need(ok: bool, msg: str) -> None:
@@ -393,6 +412,7 @@ class Config:
                  "loss_scale_window", "loss_scale_hysteresis", "initial_loss_scale", "min_loss_scale")
         positive(t, "train", "save_interval", "keep_last", "eval_interval", "early_stop_patience",
                  "perplexity_floor_evals", "loss_scale_floor_steps", "seed", allow_zero=True)
+        positive(t, "train", "collective_timeout_seconds")
         need(t.min_loss_scale <= t.initial_loss_scale,
              f"train.min_loss_scale={t.min_loss_scale} must be <= "
              f"train.initial_loss_scale={t.initial_loss_scale}")
@@ -430,6 +450,7 @@ class Config:
         for key, value, choices in (("train.precision", t.precision, Precision),
                                     ("train.recompute_transformer", t.recompute_transformer, Recompute),
                                     ("logging.wandb_mode", lg.wandb_mode, WandbMode),
+                                    ("train.on_save_error", t.on_save_error, SaveErrorPolicy),
                                     ("finetune.task", self.finetune.task, FinetuneTask)):
             need(value in get_args(choices), f"{key}={value!r} must be one of {list(get_args(choices))}")
 

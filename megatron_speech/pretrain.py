@@ -1,10 +1,12 @@
 """wav2vec 2.0 pre-training on megatron-core.
 
     python -m megatron_speech.pretrain --config configs/NAME.yaml [section.key=value ...]
+    python -m megatron_speech.pretrain --config ... --dry-run [--world-size N]   (layout, memory, FLOPs; no run)
     torchrun --nproc-per-node N -m megatron_speech.pretrain --config ...     (or srun, one task per GPU)
 
 `--help` lists every key. Exit codes (training/signals.py): 0 done or early-stopped, 75 preempted by a signal
-after saving (requeue), 3 stopped on divergence (NaN/inf losses, fp16 loss scale at its floor).
+after saving (requeue), 3 stopped on divergence (NaN/inf losses, fp16 loss scale at its floor), 4 a peer rank
+died or hung (a collective failed or timed out), 5 a checkpoint save failed (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -21,17 +23,38 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_speech.checkpoint.checkpointing import checkpoint_dir, latest_step, load_checkpoint, save_checkpoint
+from megatron_speech.checkpoint.checkpointing import (
+    SaveError,
+    checkpoint_dir,
+    latest_step,
+    load_checkpoint,
+    resume_step,
+    save_checkpoint,
+)
 from megatron_speech.checkpoint.model_io import load_model_weights
 from megatron_speech.config import config_to_dict, format_help, load_config, parse_cli
 from megatron_speech.data.loader import build_eval_loader, build_pretrain_loader
 from megatron_speech.models.wav2vec2.factory import build_pretraining_model, gumbel_temperature, transformer_config
-from megatron_speech.parallel.initialize import destroy_parallel, env_from_slurm, initialize_parallel, world_size_from_env
+from megatron_speech.parallel.faults import collective_failure_message, is_collective_failure
+from megatron_speech.parallel.initialize import (
+    destroy_parallel,
+    env_from_slurm,
+    initialize_parallel,
+    world_size_from_env,
+)
+from megatron_speech.training import dry_run
 from megatron_speech.training.ema import EMA
 from megatron_speech.training.monitor import Monitor, setup_logging
 from megatron_speech.training.optim import build_optimizer, build_scheduler
 from megatron_speech.training.parallelize import wrap_for_training
-from megatron_speech.training.signals import EXIT_DIVERGED, EXIT_DONE, EXIT_PREEMPTED, StopSignal
+from megatron_speech.training.signals import (
+    EXIT_DIVERGED,
+    EXIT_DONE,
+    EXIT_PEER_FAILED,
+    EXIT_PREEMPTED,
+    EXIT_SAVE_FAILED,
+    StopSignal,
+)
 from megatron_speech.training.step import STATS, global_stats, run_micro_batches, train_step
 
 logger = logging.getLogger("megatron_speech")
@@ -48,24 +71,48 @@ def evaluate(model, eval_loader, num_batches: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    path, overrides, want_help = parse_cli(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if "--dry-run" in argv:  # check + estimate only: no process group, no model (training/dry_run.py)
+        return dry_run.main(argv)
+    path, overrides, want_help = parse_cli(argv)
     cfg = load_config(path, overrides)
     if want_help:
         print(format_help(cfg))
         return 0
     env_from_slurm()
     cfg.validate(world_size_from_env())  # before any process group forms
+    t = cfg.train
+    initialize_parallel(cfg.parallel.tensor_model_parallel_size, t.seed, timeout_seconds=t.collective_timeout_seconds)
+    setup_logging(dist.get_rank())
+    progress = {"step": 0}  # the last completed step, for the message if a peer fails
+    try:
+        exit_code = train(cfg, progress)
+    except Exception as e:
+        if not is_collective_failure(e):
+            raise
+        # A peer died or hung: no teardown (it would wait on the peer); torchrun / srun end the other ranks.
+        try:
+            latest = latest_step(t.save_dir)
+        except ValueError:
+            latest = None
+        logger.error("%s (exit %d)", collective_failure_message(e, progress["step"], latest,
+                                                              t.collective_timeout_seconds), EXIT_PEER_FAILED)
+        return EXIT_PEER_FAILED
+    destroy_parallel()
+    return exit_code
+
+
+def train(cfg, progress: dict[str, int]) -> int:
+    """The training loop on this rank (process groups formed); returns the exit code. Keeps progress["step"]."""
     t, p = cfg.train, cfg.parallel
-    initialize_parallel(p.tensor_model_parallel_size, t.seed)
     rank = dist.get_rank()
-    setup_logging(rank)
     tp, dp = p.tensor_model_parallel_size, parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
 
     tconfig = transformer_config(cfg.model, tp, p.sequence_parallel_enabled, t.precision, t.recompute_transformer)
     tconfig.recompute_num_layers = t.recompute_num_layers if t.recompute_transformer == "full" else None
     model = build_pretraining_model(cfg.model, tconfig, recompute_conv=t.recompute_conv)
-    resume_from = latest_step(t.save_dir) if t.resume else None
+    resume_from = resume_step(t.save_dir) if t.resume else None  # falls back past a damaged checkpoint
     if resume_from is None and t.init_checkpoint:  # before wrapping: DDP and the optimizer copy the weights
         load_model_weights(t.init_checkpoint, model)
         logger.info("initialized the model from %s", t.init_checkpoint)
@@ -87,24 +134,30 @@ def main(argv: list[str] | None = None) -> int:
     eval_loader = build_eval_loader(cfg.data, cfg.model, dp_rank, dp, tp, t.seed) if t.eval_interval > 0 else None
     stop = StopSignal(t.exit_on_signal)
 
-    def save():
-        save_checkpoint(t.save_dir, step, ddp, optimizer, scheduler, ema,
-                        {"loader": loader.state_dict(), "monitor": monitor.state_dict(), "config": config_to_dict(cfg)},
-                        keep_last=t.keep_last)
+    def save() -> bool:
+        """Save at `step`; False (after an alarm) when the save failed on some rank: all ranks see the same."""
+        try:
+            save_checkpoint(t.save_dir, step, ddp, optimizer, scheduler, ema,
+                            {"loader": loader.state_dict(), "monitor": monitor.state_dict(),
+                             "config": config_to_dict(cfg)}, keep_last=t.keep_last)
+        except SaveError as e:
+            monitor.alarm(step, f"checkpoint save failed: {e}")
+            return False
         logger.info("saved %s", checkpoint_dir(t.save_dir, step))
+        return True
 
     exit_code, reason, saved_at = EXIT_DONE, f"reached train.max_steps={t.max_steps}", None
     while step < t.max_steps:
         temperature = gumbel_temperature(cfg.model, step)
         model.quantizer.temperature = temperature
         out = train_step(ddp, optimizer, next(loader))
-        step += 1
+        step = progress["step"] = step + 1
         if out["updated"]:
             scheduler.step(increment=1)
             ema.update()
         loss_scale = float(optimizer.get_loss_scale())
         monitor.train_step(step, out, optimizer.param_groups[0]["lr"], loss_scale, temperature)
-        why = monitor.check_step(out, loss_scale)
+        why = monitor.check_step(out, loss_scale, step)
         if why:  # keep the last good checkpoint as `latest`: nothing worth saving now
             exit_code, reason = EXIT_DIVERGED, why
             break
@@ -119,23 +172,30 @@ def main(argv: list[str] | None = None) -> int:
                         metrics["accuracy"], metrics["code_perplexity"])
             why = monitor.check_eval(step, metrics)
             if why:
-                save()
-                saved_at, reason = step, why
+                reason = why
+                if save():
+                    saved_at = step
+                else:
+                    exit_code, reason = EXIT_SAVE_FAILED, f"{why}; but its checkpoint save failed"
                 break
         if t.save_interval > 0 and step % t.save_interval == 0:
-            save()
-            saved_at = step
-        if stop.requested():
-            if saved_at != step:
-                save()
+            if save():
                 saved_at = step
-            exit_code, reason = EXIT_PREEMPTED, f"stop signal ({stop.signal_name or 'on another rank'})"
+            elif t.on_save_error == "stop":
+                exit_code, reason = EXIT_SAVE_FAILED, "the checkpoint save failed (train.on_save_error=stop)"
+                break
+        if stop.requested():
+            if saved_at != step and save():
+                saved_at = step
+            if saved_at == step:
+                exit_code, reason = EXIT_PREEMPTED, f"stop signal ({stop.signal_name or 'on another rank'})"
+            else:
+                exit_code, reason = EXIT_SAVE_FAILED, "stop signal; but its checkpoint save failed"
             break
-    if exit_code == EXIT_DONE and saved_at != step:
-        save()
+    if exit_code == EXIT_DONE and saved_at != step and not save():
+        exit_code, reason = EXIT_SAVE_FAILED, f"{reason}; but the final save failed"
     logger.info("stopping at step %d: %s (exit %d)", step, reason, exit_code)
     monitor.close()
-    destroy_parallel()
     return exit_code
 
 

@@ -2,17 +2,25 @@
 
 <save_dir>/iter_0001000/   model, optimizer (fully_reshardable), EMA, per-rank RNG states (sharded), plus the
                            common state (scheduler, trainer state: step, sampler position, config) saved by rank 0
+<save_dir>/iter_0001000/manifest.json   every file's size and SHA-256 (integrity.py), written before `latest` moves
 <save_dir>/latest          the step of the newest *complete* checkpoint, replaced atomically (temp + rename)
                            only after every rank finished writing: a crash mid-save leaves the previous one.
 
-Trust: megatron-core's torch_dist format stores metadata as pickles that torch reads with pickle.load; a
-distributed checkpoint is for trusted sources only. Checkpoints shared with others travel as safetensors
+A save that fails (disk full, unwritable) raises SaveError on every rank at the same point, removes its partial
+directory and leaves `latest` alone. Loading verifies the manifest and refuses pickles that would run code
+before torch reads anything; resuming falls back to the newest checkpoint that verifies (keep_last >= 2 keeps
+one to fall back to).
+
+Trust: megatron-core's torch_dist format stores metadata as pickles that torch reads with pickle.load; the checks
+above refuse a pickle that names anything but checkpoint metadata, but the manifest proves integrity, not origin:
+a distributed checkpoint is for trusted sources only. Checkpoints shared with others travel as safetensors
 (tools/convert_to_hf.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -22,11 +30,20 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_speech.checkpoint import integrity
+from megatron_speech.checkpoint.integrity import CheckpointIntegrityError
 from megatron_speech.training.optim import unshare_adam_steps
+
+logger = logging.getLogger("megatron_speech")
 
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 LATEST = "latest"
+
+
+class SaveError(RuntimeError):
+    """A checkpoint save failed; raised on every rank at the same point (so training may continue in step)."""
 
 
 def checkpoint_dir(save_dir: str | Path, step: int) -> Path:
@@ -91,28 +108,134 @@ def save_checkpoint(save_dir: str | Path, step: int, model, optimizer, scheduler
     """Collective: every rank calls it. optimizer / scheduler / ema may be None (a weights-only checkpoint).
     Returns the checkpoint directory."""
     path = checkpoint_dir(save_dir, step)
-    if dist.get_rank() == 0:
+
+    def fresh_dir():
         if path.exists():  # debris of a save that died before `latest` moved: never a complete checkpoint
             shutil.rmtree(path)
         path.mkdir(parents=True)
-    dist.barrier()
+
+    _on_rank0_then_agree(fresh_dir, f"creating {path}", path)
     state = _state(model, optimizer, ema, is_loading=False, with_rng=True)
     state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     state["trainer"] = dict(trainer_state, step=step, layout=_layout())
-    dist_checkpointing.save(state, str(path))
+    try:
+        dist_checkpointing.save(state, str(path))
+    except CheckpointException as e:  # megatron gathers every rank's write results and raises this on all of them
+        _discard(path)
+        raise SaveError(f"writing {path} failed: {_write_failures(e)}; {_kept(save_dir)}") from None
     dist.barrier()  # every rank's shards are on disk
-    if dist.get_rank() == 0:
+    try:
+        manifest = integrity.compute_manifest(path)  # the same result or the same error on every rank
+    except OSError as e:
+        _discard(path)
+        raise SaveError(f"{e}; {_kept(save_dir)}") from None
+
+    def commit():
+        integrity.write_manifest_file(path, manifest)
         tmp = Path(save_dir) / f".{LATEST}.tmp"
         tmp.write_text(f"{step}\n")
         with open(tmp) as f:
             os.fsync(f.fileno())
         os.replace(tmp, Path(save_dir) / LATEST)
         if keep_last > 0:
-            done = sorted(p for p in Path(save_dir).glob("iter_*") if p.is_dir())
+            # Only checkpoints up to this one count: newer ones are from a run that resumed from further back
+            # (the fallback past a damaged checkpoint); they are replaced when training gets there again.
+            done = sorted(p for p in Path(save_dir).glob("iter_*") if p.is_dir() and p <= path)
             for old in done[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+
+    _on_rank0_then_agree(commit, f"committing {path} (manifest, {LATEST})", path)
     return path
+
+
+def _on_rank0_then_agree(fn, what: str, path: Path) -> None:
+    """Run fn on rank 0; if it raised, every rank raises the same SaveError (after rank 0 removed `path`, unless
+    `latest` already names it)."""
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            fn()
+        except Exception as e:
+            error = f"{what} failed: {e}"
+            if not _named_by_latest(path):  # else only the pruning of old checkpoints failed: keep it
+                _discard(path)
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise SaveError(f"{box[0]}; {_kept(path.parent)}")
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _named_by_latest(path: Path) -> bool:
+    try:
+        return latest_step(path.parent) == int(path.name[len("iter_"):])
+    except ValueError:
+        return False
+
+
+def _discard(path: Path) -> None:
+    # A failed save's directory is never complete, and on a full disk its space is what the next try needs.
+    if dist.get_rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _kept(save_dir: str | Path) -> str:
+    """What is left, and the free space: torch's writer reports a full disk as a short write ("unexpected pos")."""
+    try:
+        step = latest_step(save_dir)
+        kept = (f"{Path(save_dir) / LATEST} still names step {step}" if step is not None
+                else "no complete checkpoint exists yet")
+    except ValueError as e:
+        kept = str(e)
+    try:
+        kept += f" ({shutil.disk_usage(save_dir).free / 2**30:.1f} GiB free there)"
+    except OSError:
+        pass
+    return kept
+
+
+def _write_failures(e: CheckpointException) -> str:
+    # Only the coordinator (rank 0) holds the per-rank details; the others know that some rank failed.
+    if not e.failures:
+        return "a rank could not write its shards (the details are in rank 0's log)"
+    parts = []
+    for rank, (exc, _) in sorted(e.failures.items()):
+        cause = exc
+        while cause.__cause__ is not None:  # "Worker failure: ..." wraps the OSError that says what happened
+            cause = cause.__cause__
+        parts.append(f"rank {rank}: {type(cause).__name__}: {cause}")
+    return "; ".join(parts)
+
+
+def resume_step(save_dir: str | Path) -> int | None:
+    """The step to resume from: `latest`, or, when that checkpoint fails verification (damaged, incomplete,
+    unsafe), the newest older one that passes (each one skipped is logged). None when there is no `latest`.
+    Collective (or a single process). Raises CheckpointIntegrityError when no checkpoint at or before `latest`
+    verifies."""
+    latest = latest_step(save_dir)
+    if latest is None:
+        return None
+    found = sorted((int(p.name.split("_")[1]) for p in Path(save_dir).glob("iter_*")
+                    if p.is_dir() and p.name.split("_")[1].isdigit()), reverse=True)
+    candidates = integrity.broadcast_from_rank0([s for s in found if s <= latest])  # rank 0's view: one decision
+    refused = []
+    for step in candidates:
+        problems = integrity.verify_checkpoint(checkpoint_dir(save_dir, step))
+        if not problems:
+            if refused and _is_rank0():
+                logger.warning("falling back to %s: the newer checkpoint(s) failed verification",
+                               checkpoint_dir(save_dir, step))
+            return step
+        refused.append(f"{checkpoint_dir(save_dir, step).name}: {'; '.join(problems)}")
+        if _is_rank0():
+            logger.warning("cannot resume from %s: %s", checkpoint_dir(save_dir, step), "; ".join(problems))
+    if latest not in candidates:
+        refused.insert(0, f"{checkpoint_dir(save_dir, latest).name} (named by {LATEST}): missing")
+    raise CheckpointIntegrityError(f"no checkpoint in {save_dir} at or before step {latest} is intact:\n  - "
+                                   + "\n  - ".join(refused))
 
 
 def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, ema=None) -> dict:
@@ -122,6 +245,7 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, ema
     path = Path(path)
     if not (path / "metadata.json").exists():
         raise ValueError(f"{path} is not a complete dist_checkpointing checkpoint (no metadata.json)")
+    integrity.check_checkpoint(path)  # sizes, checksums, no code in pickles: before torch reads a byte
     common = dist_checkpointing.load_common_state_dict(str(path))
     restore_rng = optimizer is not None and common["trainer"]["layout"] == _layout()
     model_sd = _unwrap(model).sharded_state_dict()

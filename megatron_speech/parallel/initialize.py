@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -44,7 +45,8 @@ def world_size_from_env() -> int:
     return _env_int("WORLD_SIZE", 1)
 
 
-def initialize_parallel(tensor_model_parallel_size: int = 1, seed: int = 1234, backend: str | None = None) -> None:
+def initialize_parallel(tensor_model_parallel_size: int = 1, seed: int = 1234, backend: str | None = None,
+                        timeout_seconds: float | None = None) -> None:
     """Start torch.distributed (if needed) and megatron-core's tensor/data-parallel groups, then seed RNGs.
 
     The process group comes from the environment torchrun/srun/spawn set (``MASTER_ADDR``,
@@ -54,6 +56,10 @@ def initialize_parallel(tensor_model_parallel_size: int = 1, seed: int = 1234, b
     is always 1. Seeds: every rank's default generator gets ``seed`` (identical on the TP ranks, for
     dropout on replicated tensors) and megatron's tracker gets the TP-rank-dependent stream; both are offset by
     the data-parallel rank.
+
+    ``timeout_seconds`` (train.collective_timeout_seconds) bounds every collective of the default group and of
+    megatron's groups: past it, a collective whose peer is stuck raises instead of hanging (gloo honours it per
+    operation; NCCL's watchdog aborts the process). None keeps the defaults (gloo 30 min, NCCL 10 min).
 
     Raises:
         ValueError: ``tensor_model_parallel_size`` is not a positive divisor of the world size
@@ -82,13 +88,15 @@ def initialize_parallel(tensor_model_parallel_size: int = 1, seed: int = 1234, b
         if cuda:
             # One GPU per process: without this every local rank would use (and NCCL would bind) GPU 0.
             torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
+        timeout = {"timeout": timedelta(seconds=timeout_seconds)} if timeout_seconds else {}
         if "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend=backend, init_method="env://")
+            dist.init_process_group(backend=backend, init_method="env://", **timeout)
         else:
             # Plain `python tool.py`: an in-process store, no port to pick.
-            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, **timeout)
 
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size, 1)
+    minutes = {"distributed_timeout_minutes": timeout_seconds / 60} if timeout_seconds else {}
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size, 1, **minutes)
     # Offset by the DP rank: replicas must not share dropout / Gumbel noise, while the TP ranks of one replica
     # share the default generator (dropout on replicated activations must be identical across them) and
     # megatron's tracker derives a TP-rank-specific stream for local slices (DESIGN §3, Randomness).

@@ -29,6 +29,7 @@ class Monitor:
         self.evals_without_improvement = 0
         self.low_perplexity_evals = 0
         self.bad_steps = 0
+        self.nonfinite_steps = 0
         self.floor_steps = 0
         self._wandb = None
         self._last_time = time.perf_counter()
@@ -67,7 +68,8 @@ class Monitor:
                   "code_perplexity": out["code_perplexity"], "diversity": out["diversity"],
                   "mask_fraction": out["mask_fraction"], "lr": lr, "grad_norm": grad_norm, "loss_scale": loss_scale,
                   "gumbel_temperature": temperature, "audio_seconds_per_second": rate,
-                  "skipped": not out["updated"]}
+                  "skipped": not out["updated"], "nonfinite": out.get("nonfinite"),
+                  "nonfinite_steps": self.nonfinite_steps + (not out["finite"])}  # check_step counts it next
         self.write(step, "train", values)
         if self.rank == 0:
             logger.info("step %7d | loss %.4f | acc %.3f | ppl %6.1f | lr %.3e | gnorm %.3f | scale %g | "
@@ -76,12 +78,21 @@ class Monitor:
 
     # ---- decisions (same inputs on every rank -> same answers) ---------------------------------------------
 
-    def check_step(self, out: dict[str, Any], loss_scale: float) -> str | None:
-        """A reason to stop now, or None."""
+    def check_step(self, out: dict[str, Any], loss_scale: float, step: int | None = None) -> str | None:
+        """A reason to stop now, or None. Counts (and logs) the steps skipped for a NaN/inf loss or gradient."""
         t = self.cfg.train
-        self.bad_steps = 0 if out["finite"] else self.bad_steps + 1
-        if self.bad_steps >= t.max_bad_steps:
-            return f"{self.bad_steps} steps in a row with a NaN/inf loss (train.max_bad_steps={t.max_bad_steps})"
+        if out["finite"]:
+            self.bad_steps = 0
+        else:
+            cause = out.get("nonfinite") or "loss"
+            self.bad_steps += 1
+            self.nonfinite_steps += 1
+            if self.rank == 0:
+                logger.warning("step %s skipped: NaN/inf %s (%d in a row, %d in this run so far)", step, cause,
+                               self.bad_steps, self.nonfinite_steps)
+            if self.bad_steps >= t.max_bad_steps:
+                return (f"{self.bad_steps} steps in a row with a NaN/inf {cause}, the last at step {step} "
+                        f"(train.max_bad_steps={t.max_bad_steps}). Likely cause: {_LIKELY_CAUSE[cause]}")
         if t.precision == "fp16" and t.loss_scale_floor_steps > 0:
             self.floor_steps = self.floor_steps + 1 if loss_scale <= t.min_loss_scale else 0
             if self.floor_steps >= t.loss_scale_floor_steps:
@@ -118,7 +129,7 @@ class Monitor:
     def state_dict(self) -> dict[str, Any]:
         return {"best_valid": self.best_valid, "evals_without_improvement": self.evals_without_improvement,
                 "low_perplexity_evals": self.low_perplexity_evals, "bad_steps": self.bad_steps,
-                "floor_steps": self.floor_steps}
+                "nonfinite_steps": self.nonfinite_steps, "floor_steps": self.floor_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k, v in state.items():
@@ -127,6 +138,14 @@ class Monitor:
     def close(self) -> None:
         if self._wandb is not None:
             self._wandb.finish()
+
+
+_LIKELY_CAUSE = {
+    "loss": ("the forward pass: an input batch with NaN/inf samples (a damaged shard), weights already non-finite, "
+             "or activations overflowing (under fp16: train.precision=bf16)"),
+    "gradient": ("the backward pass overflowed while the loss stayed finite: lower optim.lr or lengthen "
+                 "optim.warmup_steps"),
+}
 
 
 def _plain(v):

@@ -16,6 +16,12 @@ EXIT_PREEMPTED = 75
 """Stopped by a signal after saving a checkpoint: requeue me (EX_TEMPFAIL)."""
 EXIT_DIVERGED = 3
 """Stopped on purpose: NaN/inf losses in a row, or the fp16 loss scale stuck at its floor. Do not requeue."""
+EXIT_PEER_FAILED = 4
+"""A collective failed: another rank died or hung past train.collective_timeout_seconds. Nothing was saved since
+the last checkpoint; a restart resumes from it (requeue when the cause was a node, not a bug: see the log)."""
+EXIT_SAVE_FAILED = 5
+"""A checkpoint save failed (disk full, unwritable; train.on_save_error=stop, or the save at a signal or at the
+end). `latest` still names the previous complete checkpoint. Free space, then restart."""
 
 
 class StopSignal:

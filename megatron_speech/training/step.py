@@ -82,14 +82,42 @@ def global_stats(stats: torch.Tensor) -> dict[str, float]:
 
 
 def train_step(model, optimizer, batches: list[dict[str, Any]]) -> dict[str, Any]:
-    """Forward/backward over this DP rank's micro-batches, then one optimizer step, unless the global loss is
-    not finite (the step is skipped on every rank: the decision comes from all-reduced numbers).
-    Returns the global metrics, whether the update happened (fp16 overflow also skips it) and the grad norm."""
+    """Forward/backward over this DP rank's micro-batches, then one optimizer step, unless the global loss or a
+    gradient is not finite (the step is skipped on every rank: the decision comes from all-reduced numbers).
+    Returns the global metrics, whether the update happened (fp16 overflow also skips it), the grad norm, and
+    `nonfinite`: None, "loss" or "gradient" (what made the step skip)."""
     model.zero_grad_buffer()
     optimizer.zero_grad()
     metrics = global_stats(run_micro_batches(model, batches))
-    finite = math.isfinite(metrics["loss"])
+    nonfinite = None if math.isfinite(metrics["loss"]) else "loss"
+    if nonfinite is None and not _has_loss_scaler(optimizer) and not _grads_finite(model):
+        nonfinite = "gradient"
     updated, grad_norm = False, None
-    if finite:
+    if nonfinite is None:
         updated, grad_norm, _ = optimizer.step()
-    return {**metrics, "finite": finite, "updated": bool(updated), "grad_norm": grad_norm}
+    return {**metrics, "finite": nonfinite is None, "nonfinite": nonfinite, "updated": bool(updated),
+            "grad_norm": grad_norm}
+
+
+def _has_loss_scaler(optimizer) -> bool:
+    # fp16's dynamic scaler already skips a step with inf/NaN gradients (and backs the scale off: an overflow,
+    # counted by the loss-scale floor policy, not as a bad step). Without one (fp32, bf16) megatron's optimizer
+    # would apply them, and one NaN gradient makes every weight NaN for good.
+    return any(getattr(opt, "grad_scaler", None) is not None
+               for opt in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _grads_finite(model) -> bool:
+    """Whether every rank's gradient buffers are finite (all-reduced). After finalize_model_grads a NaN in any
+    rank's contribution sits in some rank's reduced shard, so checking each rank's whole buffer suffices."""
+    # megatron's DDP keeps gradients in contiguous buffers (a plain module has its `buffers()` method there)
+    buffers = [b for name in ("buffers", "expert_parallel_buffers") if isinstance(getattr(model, name, None), list)
+               for b in getattr(model, name)]
+    if buffers:  # one fp32 sum per buffer: NaN and inf propagate, and nothing gradient-sized is allocated
+        bad = (~torch.stack([b.grad_data.sum(dtype=torch.float32) for b in buffers]).isfinite().all())
+    else:
+        bad = torch.tensor(not all(p.grad is None or bool(p.grad.isfinite().all()) for p in model.parameters()))
+    bad = bad.to(torch.int32).reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad.item())

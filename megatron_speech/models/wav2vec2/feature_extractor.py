@@ -29,7 +29,13 @@ class _GradMultiply(torch.autograd.Function):
 
 
 class ConvBlock(nn.Module):
-    """Conv1d -> LayerNorm over channels (fp32) -> GELU. Input/output [B, C, T]."""
+    """Conv1d -> LayerNorm over channels (fp32) -> GELU. Input/output [B, T, C] (time-major, contiguous).
+
+    The conv runs as a 2-D conv over [B, C, 1, T] in channels-last memory, which *is* [B, T, C]: the channel
+    LayerNorm and the GELU then read contiguous rows, and no transpose is ever copied (in the [B, C, T] layout
+    every block paid two full copies around its LayerNorm plus strided GELU passes; cuDNN's bf16/fp16 kernels
+    and oneDNN's prefer channels-last too). Same weights ([C_out, C_in, k], the checkpoint layout), same sums.
+    """
 
     def __init__(self, in_dim: int, out_dim: int, kernel: int, stride: int, bias: bool, eps: float = 1e-5):
         super().__init__()
@@ -38,9 +44,10 @@ class ConvBlock(nn.Module):
         nn.init.kaiming_normal_(self.conv.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
-        # [B, C, T] -> [B, T, C] for the channel LayerNorm, and back
-        return F.gelu(fp32_layer_norm(x.transpose(1, 2), self.layer_norm).transpose(1, 2))
+        x = x[:, None].permute(0, 3, 1, 2)  # [B, T, C] -> [B, 1, T, C] -> [B, C, 1, T] (channels-last view)
+        x = F.conv2d(x, self.conv.weight.unsqueeze(2), self.conv.bias, stride=(1, self.conv.stride[0]))
+        x = x.permute(0, 2, 3, 1)[:, 0]  # [B, C, 1, T'] (channels-last) -> [B, 1, T', C] -> [B, T', C]
+        return F.gelu(fp32_layer_norm(x, self.layer_norm))
 
 
 class ConvFeatureExtractor(nn.Module):
@@ -73,21 +80,22 @@ class ConvFeatureExtractor(nn.Module):
         return self.stride * frame_start, self.stride * (frame_end - 1) + self.receptive_field
 
     def forward(self, waveform: torch.Tensor, frame_start: int = 0, frame_end: int | None = None) -> torch.Tensor:
-        """Features of frames [frame_start, frame_end) of `waveform` [B, T] (the whole utterance by default)."""
+        """Features [B, C, F] of frames [frame_start, frame_end) of `waveform` [B, T] (the whole utterance by
+        default). The memory is time-major ([B, F, C] transposed): `.transpose(1, 2)` gives it contiguous."""
         if frame_end is None:
             frame_end = self.num_frames(waveform.shape[1])
         s0, s1 = self.sample_range(frame_start, frame_end)
         if s1 > waveform.shape[1]:
             raise ValueError(f"waveform of {waveform.shape[1]} samples cannot hold frames up to {frame_end}: "
                              f"{s1} samples needed")
-        x = waveform[:, None, s0:s1]  # [B, 1, T_local]
+        x = waveform[:, s0:s1, None]  # [B, T_local, 1]
         if self.recompute and self.training and torch.is_grad_enabled():
             x = torch.utils.checkpoint.checkpoint(self._blocks, x, use_reentrant=False)
         else:
             x = self._blocks(x)
         if self.grad_mult != 1.0 and self.training:
             x = _GradMultiply.apply(x, self.grad_mult)
-        return x
+        return x.transpose(1, 2)  # [B, F, C] -> [B, C, F] (a view: transposing back is free)
 
     def _blocks(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:

@@ -12,7 +12,8 @@ what").
 Layouts transformers can express (tools/convert_to_hf.py): CTCHead = Wav2Vec2ForCTC's `lm_head`;
 MeanPoolClassifier = Wav2Vec2ForSequenceClassification with an identity `projector` (classifier_proj_size =
 hidden size) and our linear as its `classifier`, with or without `use_weighted_layer_sum` (our layer weights are
-its `layer_weights`: the same softmax over the same L + 1 hidden states).
+its `layer_weights`: the same softmax over the same L + 1 hidden states, transformers' (>= 5) `hidden_states`:
+the positional-conv output and each layer's output, the last one before the final LayerNorm).
 """
 
 from __future__ import annotations
@@ -112,17 +113,22 @@ class Wav2Vec2ForFinetuning(MegatronModule):
         return [p for m in modules for p in m.parameters()]
 
     def encoder_params(self, include_feature_encoder: bool = True) -> list[nn.Parameter]:
-        """The encoder as fine-tuning uses it (never the quantizer / projections of pre-training)."""
-        skip = {id(p) for name in PRETRAINING_ONLY for p in getattr(self.wav2vec2, name).parameters()}
+        """The encoder as fine-tuning uses it: never the quantizer / projections of pre-training, nor, under a
+        layer weighting (which reads the last layer before it), the final LayerNorm."""
+        unused = [getattr(self.wav2vec2, name) for name in PRETRAINING_ONLY]
+        if self.layer_sum is not None:
+            unused.append(self.wav2vec2.encoder.block.final_layernorm)
         if not include_feature_encoder:
-            skip |= {id(p) for p in self.wav2vec2.feature_extractor.parameters()}
+            unused.append(self.wav2vec2.feature_extractor)
+        skip = {id(p) for m in unused for p in m.parameters()}
         return [p for p in self.wav2vec2.parameters() if id(p) not in skip]
 
     def set_trainable(self, encoder: bool, feature_encoder: bool, mask_emb: bool) -> list[nn.Parameter]:
         """Set requires_grad on every parameter; returns the trainable ones. A frozen parameter is then out of
         megatron's DDP buffers and optimizer (both skip requires_grad=False), so weight decay cannot move it;
-        `mask_emb` must be frozen when nothing is masked (no gradient would reach it, and DDP's overlapped
-        reduce waits for every trainable parameter)."""
+        Every trainable parameter must receive a gradient every step (megatron's overlapped reduce waits for
+        each), hence `mask_emb` frozen when nothing is masked and the unused final LayerNorm under a layer
+        weighting."""
         for p in self.parameters():
             p.requires_grad_(False)
         trainable = self.head_params()
@@ -150,8 +156,9 @@ class Wav2Vec2ForFinetuning(MegatronModule):
         else:
             states = self.wav2vec2.encode(waveform, mask=mask, padding_mask=padding_mask,
                                           channel_mask=channel_mask, all_layers=True)
-            # encode gives [h_0, ..., h_L, LN(h_L)]; transformers' hidden_states are [h_0, ..., h_{L-1}, LN(h_L)]
-            x = self.layer_sum(states[:-2] + states[-1:])
+            # encode gives [h_0, ..., h_L, LN(h_L)]; the weighted states are transformers' (>= 5) hidden_states:
+            # h_0 (after the positional conv) and every layer's output, h_L before the final LayerNorm.
+            x = self.layer_sum(states[:-1])
         return self.head(x, padding_mask)
 
     # ---- checkpoint keys (see the class docstring) ---------------------------------------------------------

@@ -1,0 +1,132 @@
+"""One fine-tuning step, the analogue of step.py: micro-batches through megatron-core's
+forward_backward_no_pipelining with per-token loss normalization, where the "tokens" are utterances.
+
+Loss normalization: the loss function returns the loss summed over the micro-batch's utterances (CTC: each
+utterance's negative log-likelihood over its whole label sequence, fairseq's `sentence_avg`; classification: the
+cross-entropy of each utterance) and the utterance count; finalize_model_grads divides the summed gradients by
+the global count, so the update is the mean per utterance over the global batch whatever the DP layout and the
+micro-batch sizes. On a TP group every rank runs the head on the same gathered sequence (models/wav2vec2/heads.py)
+and reports 1/tp of the loss: the gradients then add up to one copy (encoder through the gather's reduce-scatter,
+head through the TP sum of partial gradients), and summing reported numbers over all ranks gives global totals.
+CTC alignments that cannot exist (more tokens + repeats than frames) contribute 0 (zero_infinity) and are counted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core.pipeline_parallel.schedules import forward_backward_no_pipelining
+from megatron.core.utils import get_attr_wrapped_model
+
+from megatron_speech.tasks import metrics as task_metrics
+from megatron_speech.tasks.task import Task
+from megatron_speech.training.step import _grads_finite, _has_loss_scaler
+
+
+def task_loss(task: Task, logits: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss summed over the batch's utterances, number of infeasible CTC alignments), in fp32."""
+    if task.kind == "ctc":
+        real_frames = (~batch["padding_mask"]).sum(dim=1)
+        log_probs = logits.float().log_softmax(dim=-1).transpose(0, 1)  # [B, F, V] -> [F, B, V]
+        per_utterance = F.ctc_loss(log_probs, batch["targets"], real_frames, batch["target_lengths"], blank=0,
+                                   reduction="none", zero_infinity=True)
+        infeasible = (batch["target_min_frames"] > real_frames).sum().to(torch.float64)
+        return per_utterance.sum(), infeasible
+    loss = F.cross_entropy(logits.float(), batch["targets"], ignore_index=-1, reduction="sum")
+    return loss, torch.zeros((), dtype=torch.float64)
+
+
+def batch_stats(task: Task, logits: torch.Tensor, batch: dict[str, Any], loss_sum: torch.Tensor,
+                infeasible: torch.Tensor, share: float, with_scores: bool) -> torch.Tensor:
+    """float64 [len(COMMON)] (or [len(stat_names(task))] with scores): this rank's `share` of the batch's sums."""
+    real_frames = (~batch["padding_mask"]).sum(dim=1)
+    values = [loss_sum.detach().double(), float(real_frames.numel()), float(real_frames.sum()),
+              float(batch["num_samples"]), infeasible]
+    if with_scores:
+        predictions = task_metrics.decode(task, logits, real_frames.tolist())
+        scores = task_metrics.score(task, predictions, batch["references"])
+        values += [scores[name] for name in task_metrics.stat_names(task)[len(task_metrics.COMMON):]]
+    stats = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values])
+    stats[1:] *= share  # the loss is already this rank's share
+    return stats
+
+
+def loss_func(task: Task, share: float, with_scores: bool, batch: dict[str, Any], logits: torch.Tensor):
+    """megatron's 3-tuple: (this rank's share of the loss sum, utterances of the micro-batch, stats to sum)."""
+    loss_sum, infeasible = task_loss(task, logits, batch)
+    loss = loss_sum * share
+    count = torch.tensor(batch["padding_mask"].shape[0], dtype=torch.int)  # the same on every TP rank
+    return loss, count, {"stats": batch_stats(task, logits, batch, loss, infeasible, share, with_scores)}
+
+
+def forward_step(task: Task, with_scores: bool, batch_iterator, model):
+    """Waveform positionally (Float16Module casts positional inputs only), masks by keyword."""
+    batch = next(batch_iterator)
+    share = 1.0 / get_attr_wrapped_model(model, "tp_group").size()
+    logits = model(batch["waveform"], padding_mask=batch["padding_mask"], mask=batch.get("mask"),
+                   channel_mask=batch.get("channel_mask"))
+    return logits, partial(loss_func, task, share, with_scores, batch)
+
+
+def run_micro_batches(model, task: Task, batches: list[dict[str, Any]], forward_only: bool = False,
+                      with_scores: bool = False) -> torch.Tensor:
+    """Forward (and backward) over micro-batches; this rank's summed stats."""
+    stored = forward_backward_no_pipelining(
+        forward_step_func=partial(forward_step, task, with_scores),
+        data_iterator=iter(batches),
+        model=model,
+        num_microbatches=len(batches),
+        seq_length=0,  # unused: variable lengths
+        micro_batch_size=0,
+        forward_only=forward_only,
+    )
+    return torch.stack([s["stats"] for s in stored]).sum(0)
+
+
+def global_sums(task: Task, stats: torch.Tensor, with_scores: bool) -> dict[str, float]:
+    """All-reduce a stats vector over every rank (a collective: every rank calls it); named sums."""
+    stats = stats.clone()
+    if dist.is_initialized():
+        dist.all_reduce(stats)
+    names = task_metrics.stat_names(task) if with_scores else list(task_metrics.COMMON)
+    return dict(zip(names, stats.tolist(), strict=True))
+
+
+def train_step(model, optimizer, task: Task, batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """Forward/backward over this DP rank's micro-batches, then one optimizer step unless the global loss or a
+    gradient is not finite (skipped on every rank alike, as pre-training's step.train_step). Returns loss, counts,
+    whether it updated, the grad norm, and `nonfinite` (None, "loss" or "gradient")."""
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    sums = global_sums(task, run_micro_batches(model, task, batches), with_scores=False)
+    loss = sums["loss_sum"] / max(sums["num_utterances"], 1.0)
+    nonfinite = None if math.isfinite(loss) else "loss"
+    if nonfinite is None and not _has_loss_scaler(optimizer) and not _grads_finite(model):
+        nonfinite = "gradient"
+    updated, grad_norm = False, None
+    if nonfinite is None:
+        updated, grad_norm, _ = optimizer.step()
+    return {"loss": loss, "finite": nonfinite is None, "nonfinite": nonfinite, "updated": bool(updated),
+            "grad_norm": grad_norm,
+            "num_samples": sums["num_samples"], "num_utterances": sums["num_utterances"],
+            "num_infeasible": sums["num_infeasible"]}
+
+
+def evaluate(model, task: Task, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """Task metrics over evaluation batches (this rank's share; a collective), model in eval mode meanwhile."""
+    batches = list(batches)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        if batches:
+            stats = run_micro_batches(model, task, batches, forward_only=True, with_scores=True)
+        else:
+            stats = torch.zeros(len(task_metrics.stat_names(task)), dtype=torch.float64)
+    model.train(was_training)
+    return task_metrics.metrics(task, global_sums(task, stats, with_scores=True))

@@ -1,0 +1,176 @@
+"""launch/pretrain_xl_4x8.sbatch, unchanged, on a real 2-node Slurm cluster brought up on this host
+(tests/slurm/cluster.sh: munged, slurmctld, two slurmd), scaled down to 2 nodes x 1 task with the tiny config:
+a run to completion, then USR1 -> save -> exit 75 -> self-requeue -> resume, checked from the job's own log and
+its checkpoints. Skipped (with the reason) where the Slurm packages are missing, except in CI (CI set): there a
+missing package is a failure, so the stage cannot silently vanish."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.fixtures import ROOT, write_split
+
+pytestmark = pytest.mark.slow
+
+BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo")
+SCRIPT = "launch/pretrain_xl_4x8.sbatch"
+# Scaled down: 2 nodes x 1 task on CPUs. The script's own --gpus-per-node=8 stays (the test nodes have 8
+# fake GPUs each), and so do --signal, --requeue, --open-mode, --exclusive.
+SHAPE = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10"]
+
+
+# The daemons live in sbin, which a non-login PATH may lack.
+SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
+
+
+def _need(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set: the Slurm stage must run)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    missing = [b for b in BINARIES if shutil.which(b, path=SEARCH_PATH) is None]
+    if missing:
+        _need(f"no Slurm here ({', '.join(missing)} missing): "
+              "apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge")
+    if os.geteuid() != 0:
+        _need("the test Slurm cluster needs root (SlurmUser=root, an /etc/hosts entry)")
+    workdir = tmp_path_factory.mktemp("slurm")
+    up = subprocess.run(["bash", "tests/slurm/cluster.sh", "up", str(workdir)], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120, env=dict(os.environ, PATH=SEARCH_PATH))
+    try:
+        assert up.returncode == 0, f"cluster bring-up failed:\n{up.stdout}\n{up.stderr}"
+        env = {k: v for k, v in os.environ.items()
+               # a launcher's variables in the test's own environment would override Slurm's in the job
+               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+        for line in (workdir / "env").read_text().splitlines():
+            key, value = line.removeprefix("export ").split("=", 1)
+            env[key] = value
+        env.update(PATH=SEARCH_PATH, PYTHON=sys.executable, OMP_NUM_THREADS="1", CONFIG="configs/tiny.yaml")
+        yield workdir, env
+    finally:
+        down = subprocess.run(["bash", "tests/slurm/cluster.sh", "down", str(workdir)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120, env=dict(os.environ, PATH=SEARCH_PATH))
+        print(down.stdout, down.stderr)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Synthetic tonal audio, as in tests/test_pretrain.py."""
+    root = tmp_path_factory.mktemp("slurm_shards")
+    rng = np.random.default_rng(0)
+
+    def utterances(n, tag):
+        out = []
+        for i in range(n):
+            t = np.arange(int(rng.uniform(1.5, 4.0) * 16_000)) / 16_000
+            audio = np.sin(2 * np.pi * rng.uniform(100, 300) * t) * 8000 + rng.standard_normal(len(t)) * 300
+            out.append((f"{tag}{i:03d}", audio.astype(np.int16), {"language": "xx"}))
+        return out
+
+    prefix = str(root / "tones")
+    write_split(prefix, "train", utterances(32, "t"))
+    write_split(prefix, "valid", utterances(4, "v"))
+    return prefix
+
+
+def sbatch(env: dict, *args: str, wait: bool = False) -> tuple[int, str]:
+    cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    job = proc.stdout.strip().split(";")[0].splitlines()[0] if proc.stdout.strip() else ""
+    assert job.isdigit(), f"sbatch failed ({proc.returncode}): {proc.stdout}\n{proc.stderr}"
+    return proc.returncode, job
+
+
+def train_steps(save_dir: Path) -> list[int]:
+    path = save_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r["step"] for r in rows if r["split"] == "train"]
+
+
+def job_state(env: dict, job: str) -> str | None:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True).stdout
+    found = re.search(r"JobState=(\S+)", out)
+    return found.group(1) if found else None
+
+
+def test_sbatch_runs_to_completion_on_two_nodes(cluster, shards):
+    workdir, env = cluster
+    save = workdir / "run_done"
+    code, job = sbatch(dict(env, SAVE_DIR=str(save)), *SHAPE, f"--output={workdir}/done-%j.out", "--wait",
+                       SCRIPT, f"data.prefix={shards}", "train.max_steps=6", "train.save_interval=3",
+                       "train.eval_interval=0", "train.log_interval=1")
+    log = (workdir / f"done-{job}.out").read_text()
+    assert code == 0, log[-4000:]
+    assert "dry run of configs/tiny.yaml: world size 2" in log and "\nok\n" in log, log[-4000:]
+    assert re.search(r"^0: rank 0 of 2 on \S+ \(node 0,", log, re.M), log[-4000:]  # both ranks started,
+    assert re.search(r"^1: rank 1 of 2 on \S+ \(node 1,", log, re.M), log[-4000:]  # one per node
+    assert re.search(r"^0: .*stopping at step 6: reached train.max_steps=6 \(exit 0\)", log, re.M), log[-4000:]
+    assert "training step exited 0: done" in log
+    assert (save / "latest").read_text().strip() == "6"
+    assert (save / "iter_0000006").is_dir() and (save / "iter_0000003").is_dir()
+    assert train_steps(save) == [1, 2, 3, 4, 5, 6]
+
+
+def test_usr1_saves_requeues_and_resumes(cluster, shards):
+    workdir, env = cluster
+    save = workdir / "run_requeue"
+    total = 40  # far more steps than pass between the poll seeing step 2 and the signal landing
+    _, job = sbatch(dict(env, SAVE_DIR=str(save)), *SHAPE, f"--output={workdir}/requeue-%j.out", SCRIPT,
+                    f"data.prefix={shards}", f"train.max_steps={total}", "train.save_interval=1000",
+                    "train.eval_interval=0", "train.log_interval=1")
+    log_path = workdir / f"requeue-{job}.out"
+
+    def log() -> str:
+        return log_path.read_text() if log_path.exists() else ""
+
+    deadline = time.monotonic() + 120
+    while len(train_steps(save)) < 2:  # training is under way: preempt it as Slurm's warning signal would
+        state = job_state(env, job)
+        assert state in ("PENDING", "CONFIGURING", "RUNNING"), f"job {job} is {state} before the signal:\n{log()}"
+        assert time.monotonic() < deadline, f"no training step after 120 s:\n{log()}"
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True)
+
+    deadline = time.monotonic() + 150
+    while True:  # until the requeued run has finished (the job's record stays MinJobAge=4 s after it ends)
+        state, text = job_state(env, job), log()
+        if state in (None, "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY") and \
+                re.search(r"training step (exited [03]\b|failed)", text.split("(restart 1)")[-1]):
+            break
+        assert time.monotonic() < deadline, f"job {job} still {state} 150 s after USR1:\n{text[-5000:]}"
+        time.sleep(0.5)
+    assert state in (None, "COMPLETED"), text[-5000:]
+
+    first, sep, second = text.partition("start (restart 1)")
+    assert sep, f"the job never restarted:\n{text[-5000:]}"
+    # First run: the signal reached both ranks' step, rank 0 saved at that step and the script requeued.
+    stopped = re.search(r"^0: .*stopping at step (\d+): stop signal \(SIGUSR1\) \(exit 75\)", first, re.M)
+    assert stopped, first[-4000:]
+    step = int(stopped.group(1))
+    assert 2 <= step < total
+    assert f"saved {save}/iter_{step:07d}" in first
+    assert re.search(r"srun: error: \S+: task 1: Exited with exit code 75", first), first[-3000:]
+    assert "exited 75 (preempted, checkpoint saved): requeueing (restart 1 of at most 20)" in first
+    # Second run: same job id, restart count 1, resumed from that very checkpoint, ran to the end.
+    assert f"resumed from {save}/iter_{step:07d}" in second, second[-4000:]
+    assert re.search(rf"^0: .*stopping at step {total}: reached train.max_steps={total} \(exit 0\)", second, re.M)
+    assert "training step exited 0: done" in second
+    assert "stop signal" not in second
+    assert (save / "latest").read_text().strip() == str(total)
+    # Checkpoint steps seen from the metrics: 1..step by the first run, step+1..total by the resumed one.
+    assert train_steps(save) == list(range(1, total + 1))
