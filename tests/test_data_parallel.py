@@ -103,3 +103,26 @@ def test_dp_matches_single_process_global_batch(world_size, use_distributed_opti
         for name, p in params.items():
             # one Adam step moves each weight by ~lr: compare at a small fraction of that
             torch.testing.assert_close(p, ref_params[name], rtol=0, atol=LR * 1e-3, msg=name)
+
+
+def _replica_weights(rank: int, world_size: int):
+    from megatron_speech.models.wav2vec2 import interop
+    from megatron_speech.models.wav2vec2.factory import build_pretraining_model, transformer_config
+    from megatron_speech.parallel.initialize import initialize_parallel
+    from megatron_speech.training.parallelize import wrap_for_training
+    from tests.fixtures import tiny_config
+
+    initialize_parallel(1, seed=1)  # seeds differ per DP rank: each replica initializes different weights
+    cfg = tiny_config().model
+    model = build_pretraining_model(cfg, transformer_config(cfg))
+    before = interop.canonical_state_dict(model)
+    wrap_for_training(model)
+    return before, interop.canonical_state_dict(model)
+
+
+def test_replicas_start_from_the_same_weights():
+    (before0, after0), (before1, after1) = run_ranks(_replica_weights, 2)
+    assert any(not torch.equal(before0[k], before1[k]) for k in before0)  # the seeds really differ
+    for k in after0:
+        assert torch.equal(after0[k], after1[k]), k
+        assert torch.equal(after0[k], before0[k]), k  # DP rank 0's initialization wins

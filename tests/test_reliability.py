@@ -1,7 +1,7 @@
 """Reliability drills that need the real driver under torchrun (2 CPU processes): a dead and a stuck rank, a disk
 that fills during a save, a damaged latest checkpoint on automatic resume, and a preemption storm. Slow (each
 torchrun start costs 6-8 s here), still run in CI. docs/reliability.md lists the figures these tests print
-(`pytest -s -k reliability`: lines starting with FIGURE)."""
+(`pytest -s tests/test_reliability*.py`: the lines starting with FIGURE)."""
 
 from __future__ import annotations
 
@@ -295,9 +295,9 @@ def test_preemption_storm_ends_bit_exact(tmp_path, shards, straight_run, launch)
     assert final.keys() == reference.keys()
     for key in reference:  # model, optimizer moments, EMA, every rank's RNG states: bit for bit
         assert _same(final[key], reference[key]), key
-    figure("preemption-storm", f"SIGTERM at steps {stopped_at}: 6 runs, each stopped at the signal's step and "
-                               f"saved ({sum(lost)} steps lost); final checkpoint equal to the uninterrupted run's, "
-                               f"{len(reference)} entries bit for bit")
+    figure("preemption-storm", f"5 SIGTERMs, stopped (and saved) at steps {stopped_at}, {sum(lost)} steps lost; "
+                               f"6 runs; final checkpoint equal to the uninterrupted run's, {len(reference)} entries "
+                               "bit for bit")
 
 
 def _contents(path: Path) -> dict:

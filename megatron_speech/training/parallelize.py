@@ -36,6 +36,9 @@ def wrap_for_training(
         bucket_size=bucket_size,
     )
     ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    # Every DP replica must start from the same weights: seeds are offset by DP rank (dropout must differ across
+    # replicas), so each replica initialized its own. Broadcast DP rank 0's (megatron-core DDP's own helper).
+    ddp.broadcast_params()
     config.no_sync_func = ddp.no_sync
     if tp_group.size() > 1 and not config.sequence_parallel:
         config.finalize_model_grads_func = partial(_finalize_and_sum_local, params=local_params, tp_group=tp_group)
