@@ -28,29 +28,10 @@ from megatron_speech.data.loader import (
 )
 from megatron_speech.data.sampler import DynamicBatchSampler, mixing_weights
 from megatron_speech.models.wav2vec2.config import Wav2Vec2Config
+from tests.fixtures import write_split
 
 SR = 16_000
 MODEL = Wav2Vec2Config(hidden_size=64, num_attention_heads=4, mask_prob=0.5, mask_length=2, num_negatives=10)
-
-
-def write_split(prefix: str, split: str, utterances: list[tuple[str, np.ndarray, dict]], per_shard: int = 16) -> None:
-    """Shards PREFIX_{split}_NNNNN.{bin,idx} + PREFIX_{split}.manifest.jsonl, as tools/preprocess_audio.py."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    rows = []
-    for s in range(0, len(utterances), per_shard):
-        name = f"{os.path.basename(prefix)}_{split}_{s // per_shard:05d}"
-        path = os.path.join(os.path.dirname(prefix), name)
-        builder = IndexedDatasetBuilder(path + ".bin", dtype=np.int16)
-        for k, (uid, audio, labels) in enumerate(utterances[s:s + per_shard]):
-            builder.add_item(torch.from_numpy(audio))
-            builder.end_document()
-            rows.append({"shard": name, "index": k, "id": uid, "source": f"/in/{uid}.wav", "samples": len(audio),
-                         "orig_sample_rate": 22050, "orig_channels": 1, **labels})
-        builder.finalize(path + ".idx")
-    with open(f"{prefix}_{split}.manifest.jsonl", "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
 
 
 def make_utterances(rng, count, tag, language=None, seconds=(1.0, 4.5)):
