@@ -115,7 +115,8 @@ class Wav2Vec2ForPretraining(MegatronModule):
         f0, f1 = self._frame_range(num_frames)
         feats = self.feature_extractor(waveform, f0, f1).transpose(1, 2)  # [B, C, F/tp] -> [B, F/tp, C]
         penalty_sum = feats.float().pow(2).sum()
-        penalty_count = torch.tensor(float(feats.numel()), device=feats.device)
+        # torch.full fills on the device; torch.tensor(x, device=cuda) would copy from the host and sync the stream
+        penalty_count = torch.full((), float(feats.numel()), device=feats.device)
         feats = fp32_layer_norm(feats, self.layer_norm)
         return feats, self.post_extract_proj(feats), penalty_sum, penalty_count, (f0, f1)
 
@@ -165,6 +166,9 @@ class Wav2Vec2ForPretraining(MegatronModule):
         batch, num_frames = mask.shape
         feats, x, penalty_sum, penalty_count, (f0, f1) = self.extract_features(waveform, num_frames)
         local_mask = mask[:, f0:f1]  # [B, F/tp]
+        # The masked positions, found once: a GPU syncs with the host for this (the count sets shapes); indexing
+        # with these indices later does not, where every boolean-mask index (and its backward) would sync again.
+        masked = local_mask.nonzero(as_tuple=True)  # (batch, local time) of the N_local masked frames, in order
         with tensor_parallel.get_cuda_rng_tracker().fork():  # local slices: TP-rank-specific dropout
             x = self.dropout_input(x)
             unmasked = self.dropout_features(feats)
@@ -177,18 +181,18 @@ class Wav2Vec2ForPretraining(MegatronModule):
 
         # Quantize only the masked frames: the only targets the loss reads (negatives are masked frames too).
         with tensor_parallel.get_cuda_rng_tracker().fork():  # Gumbel noise on local frames
-            q = self.quantizer(unmasked[local_mask])
+            q = self.quantizer(unmasked[masked])
         y = self.project_q(q.codevectors)  # [N_local, D]
-        return self._loss(x, y, q, local_mask, mask, negatives, penalty_sum, penalty_count, f0)
+        return self._loss(x, y, q, local_mask, masked, mask, negatives, penalty_sum, penalty_count, f0)
 
-    def _loss(self, x, y, q, local_mask, mask, negatives, penalty_sum, penalty_count, f0) -> PretrainOutput:
+    def _loss(self, x, y, q, local_mask, masked, mask, negatives, penalty_sum, penalty_count, f0) -> PretrainOutput:
         batch = mask.shape[0]
+        b_idx, t_local = masked
         # Targets go into a dense [B, F/tp, D] tensor so that the TP group can all-gather them along time:
         # distractors are drawn over the whole utterance (gather backward = reduce-scatter: the distractor
         # gradients computed on other ranks flow back to the rank that owns the target).
-        dense_y = y.new_zeros(batch, local_mask.shape[1], y.shape[-1]).masked_scatter(local_mask[..., None], y)
-        dense_codes = q.codes.new_zeros(batch, local_mask.shape[1], q.codes.shape[-1])
-        dense_codes[local_mask] = q.codes
+        dense_y = y.new_zeros(batch, local_mask.shape[1], y.shape[-1]).index_put(masked, y)
+        dense_codes = q.codes.new_zeros(batch, local_mask.shape[1], q.codes.shape[-1]).index_put(masked, q.codes)
         full_y = self._time_gather(dense_y)  # [B, F, D]
         full_codes = self._time_gather(dense_codes)  # [B, F, G]
 
@@ -197,7 +201,6 @@ class Wav2Vec2ForPretraining(MegatronModule):
         pred = F.normalize(self.project_hid(x).float(), dim=-1, eps=1e-8)  # [B, F/tp, D]
         targets = F.normalize(full_y.float(), dim=-1, eps=1e-8)
         sims = torch.bmm(pred, targets.transpose(1, 2))  # [B, F/tp, F]
-        b_idx, t_local = local_mask.nonzero(as_tuple=True)
         t_full = t_local + f0
         neg = negatives[b_idx, t_full]  # [N, K]
         pos_logit = sims[b_idx, t_local, t_full]  # [N]
@@ -210,7 +213,7 @@ class Wav2Vec2ForPretraining(MegatronModule):
         zeros = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         contrastive = F.cross_entropy(logits, zeros, reduction="sum")
 
-        local_count = torch.tensor(float(b_idx.numel()), device=logits.device)
+        local_count = torch.full((), float(b_idx.numel()), device=logits.device)
         group_count = self._tp_sum(local_count)
         # The autograd all-reduce's backward is an all-reduce too: every rank adds the diversity term weighted
         # by its own masked count, and each rank's quantizer still gets the gradient of the group's whole term.
