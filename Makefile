@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup sysdeps test demo lint clean
+.PHONY: setup sysdeps test demo demo-all lint clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,10 @@ test: $(STAMP) sysdeps
 
 demo: $(STAMP) sysdeps
 	OMP_NUM_THREADS=1 $(PY) tools/demo.py --out demo
+
+# all four fine-tuning tasks, each from the pre-trained and from an untrained encoder (README "Demo results")
+demo-all: $(STAMP) sysdeps
+	OMP_NUM_THREADS=1 $(PY) tools/demo.py --out demo --all
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check megatron_speech tools tests

@@ -1,6 +1,7 @@
-"""`make demo`: the whole job on this machine's CPUs, from nothing to a summary.
+"""`make demo` and `make demo-all`: the whole job on this machine's CPUs, from nothing to a summary.
 
-    python tools/demo.py --out demo [--steps N] [--scale S]
+    python tools/demo.py --out demo [--steps N] [--scale S]          (make demo)
+    python tools/demo.py --out demo --all [--steps N] [--scale S]    (make demo-all)
 
 1. a demo corpus from Debian's speech engines and recordings (tools/make_demo_corpus.py)
 2. 16 kHz int16 shards + manifests + rejects (tools/preprocess_audio.py)
@@ -8,6 +9,10 @@
 4. phoneme CTC fine-tuning from that checkpoint (megatron_speech.finetune), test PER (megatron_speech.evaluate)
 5. export to Hugging Face (tools/convert_to_hf.py --model-class ctc), loaded back with transformers
 6. plots (tools/plot_metrics.py) and a summary table
+
+--all replaces 4-5 with every task (phoneme, asr, speaker, emotion on the arousal proxy), each fine-tuned twice
+with the same config and budget: from the pre-trained encoder and from an untrained one (pretrained=none). It
+writes <out>/demo_all.json and prints a markdown table with the trivial baselines and the machine it ran on.
 Each stage is skipped when its output is already complete, so a rerun continues.
 """
 
@@ -16,21 +21,35 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# task -> (demo corpus set, fine-tuning config, the metrics reported)
+TASKS = {
+    "phoneme": ("phonemes", "configs/finetune/phoneme.yaml", ("per",)),
+    "asr": ("phonemes", "configs/finetune/asr.yaml", ("wer", "cer")),
+    "speaker": ("speaker", "configs/finetune/speaker.yaml", ("accuracy",)),
+    "emotion": ("arousal_proxy", "configs/finetune/emotion.yaml", ("accuracy", "unweighted_accuracy")),
+}
+LABEL_KEYS = {"speaker": "speaker", "emotion": "arousal_proxy"}
 
-def run(title: str, cmd: list[str], **env: str) -> None:
+
+def run(title: str, cmd: list[str], **env: str) -> float:
+    """Run one stage; exit with its name if it fails. Returns its wall time in seconds."""
     print(f"\n=== {title}\n$ {' '.join(cmd)}", flush=True)
     start = time.perf_counter()
     result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
     if result.returncode != 0:
         sys.exit(f"demo: '{title}' failed with exit code {result.returncode}")
-    print(f"--- {title}: {time.perf_counter() - start:.0f} s", flush=True)
+    seconds = time.perf_counter() - start
+    print(f"--- {title}: {seconds:.0f} s", flush=True)
+    return seconds
 
 
 def rows(metrics: Path, split: str) -> list[dict]:
@@ -38,43 +57,119 @@ def rows(metrics: Path, split: str) -> list[dict]:
     return [r for r in out if r["split"] == split]
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("demo"))
-    parser.add_argument("--steps", type=int, default=400, help="pre-training steps (default 400)")
-    parser.add_argument("--scale", type=float, default=1.0, help="demo corpus scale (default 1: ~2.6 h)")
-    args = parser.parse_args(argv)
-    out = args.out.resolve()
+def torchrun(nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+
+
+def prepare_pretraining(out: Path, steps: int, scale: float) -> Path:
+    """Stages 1-3 and the plots; returns the pre-training save_dir."""
     py = sys.executable
     corpus, shards, pretrain = out / "corpus", out / "shards" / "pretrain", out / "pretrain"
-
     if not (corpus / "README.md").exists():
-        run("demo corpus", [py, "tools/make_demo_corpus.py", "--out", str(corpus), "--scale", str(args.scale)])
+        run("demo corpus", [py, "tools/make_demo_corpus.py", "--out", str(corpus), "--scale", str(scale)])
     if not Path(f"{shards}_train.manifest.jsonl").exists():
         shards.parent.mkdir(parents=True, exist_ok=True)
         run("preprocess", [py, "tools/preprocess_audio.py", "--input", str(corpus / "pretrain" / "manifest.jsonl"),
                            "--output-prefix", str(shards), "--workers", "2", "--valid-fraction", "0.05"])
     run("pre-train (tiny, 2 processes)",
-        [py, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "megatron_speech.pretrain",
+        [*torchrun(2), "-m", "megatron_speech.pretrain",
          "--config", "configs/tiny.yaml", f"data.prefix={shards}", f"data.noise_dir={corpus / 'musan'}",
-         f"train.save_dir={pretrain}", f"train.max_steps={args.steps}", "train.save_interval=100",
-         "train.eval_interval=50", "train.log_interval=10", f"optim.decay_steps={max(args.steps, 50)}",
+         f"train.save_dir={pretrain}", f"train.max_steps={steps}", "train.save_interval=100",
+         "train.eval_interval=50", "train.log_interval=10", f"optim.decay_steps={max(steps, 50)}",
          "optim.warmup_steps=20"])
     run("plots", [py, "tools/plot_metrics.py", str(pretrain / "metrics.jsonl"), "--out", str(pretrain / "plots")])
+    return pretrain
 
-    phon, finetune, hf_dir = out / "shards" / "phonemes", out / "finetune" / "phoneme", out / "hf" / "phoneme"
-    for split, prefix in (("train", phon), ("valid", Path(f"{phon}_valid"))):
-        if not Path(f"{prefix}_train.manifest.jsonl").exists():
-            run(f"preprocess phonemes/{split}", [py, "tools/preprocess_audio.py", "--input",
-                                                 str(corpus / "phonemes" / f"{split}.jsonl"), "--output-prefix",
-                                                 str(prefix), "--valid-fraction", "0", "--workers", "2"])
-    run("fine-tune: phoneme CTC (2 processes)",
-        [py, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "megatron_speech.finetune",
-         "--config", "configs/finetune/phoneme.yaml", f"pretrained={pretrain}", f"data.prefix={phon}",
-         f"data.valid_prefix={phon}_valid", f"train.save_dir={finetune}", f"train.max_steps={args.steps}"])
-    run("evaluate on the held-out test voices",
-        [py, "-m", "megatron_speech.evaluate", "--checkpoint", str(finetune), "--manifest",
-         str(corpus / "phonemes" / "test.jsonl"), "--metrics-json", str(finetune / "test_metrics.json")])
+
+def preprocess_labeled(out: Path, corpus_set: str) -> Path:
+    """Train and valid shards of one labeled set (the test manifest is evaluated from the audio files)."""
+    prefix = out / "shards" / corpus_set
+    for split, split_prefix in (("train", prefix), ("valid", Path(f"{prefix}_valid"))):
+        if not Path(f"{split_prefix}_train.manifest.jsonl").exists():
+            run(f"preprocess {corpus_set}/{split}",
+                [sys.executable, "tools/preprocess_audio.py", "--input", str(out / "corpus" / corpus_set /
+                                                                             f"{split}.jsonl"),
+                 "--output-prefix", str(split_prefix), "--valid-fraction", "0", "--workers", "2"])
+    return prefix
+
+
+def finetune_and_evaluate(out: Path, task: str, pretrained: Path | None, run_dir: Path,
+                          extra: list[str] = ()) -> dict:
+    """Fine-tune `task` (from `pretrained`, or an untrained encoder when None) and score the test set."""
+    corpus_set, config, _ = TASKS[task]
+    prefix = preprocess_labeled(out, corpus_set)
+    result_file = run_dir / "test_metrics.json"
+    if not result_file.exists():
+        what = "pre-trained" if pretrained else "untrained"
+        seconds = run(f"fine-tune: {task}, {what} encoder (2 processes)",
+                      [*torchrun(2), "-m", "megatron_speech.finetune", "--config", config,
+                       f"pretrained={pretrained or 'none'}", f"data.prefix={prefix}",
+                       f"data.valid_prefix={prefix}_valid", f"train.save_dir={run_dir}", *extra])
+        run(f"evaluate {task} ({what}) on the held-out test set",
+            [sys.executable, "-m", "megatron_speech.evaluate", "--checkpoint", str(run_dir), "--manifest",
+             str(out / "corpus" / corpus_set / "test.jsonl"), "--metrics-json", str(result_file)])
+        result = json.loads(result_file.read_text())
+        result["finetune_seconds"] = seconds
+        result_file.write_text(json.dumps(result, indent=1))
+    return json.loads(result_file.read_text())
+
+
+def trivial_baselines(corpus: Path) -> dict[str, dict[str, float]]:
+    """What a model that learned nothing scores: all-blank CTC output (every reference unit deleted: PER, WER and
+    CER 1.0), and the training set's most frequent class for the classification tasks."""
+    out = {"phoneme": {"per": 1.0}, "asr": {"wer": 1.0, "cer": 1.0}}
+    for task, key in LABEL_KEYS.items():
+        corpus_set = TASKS[task][0]
+        train = [json.loads(x)[key] for x in (corpus / corpus_set / "train.jsonl").read_text().splitlines() if x]
+        test = [json.loads(x)[key] for x in (corpus / corpus_set / "test.jsonl").read_text().splitlines() if x]
+        majority = Counter(train).most_common(1)[0][0]
+        classes = sorted(set(test))
+        out[task] = {"accuracy": sum(t == majority for t in test) / len(test),
+                     "unweighted_accuracy": 1.0 / len(classes)}  # recall 1 on one class, 0 on the rest
+    return out
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    import torch
+
+    return (f"{os.cpu_count()} vCPUs ({cpu}), Python {platform.python_version()}, torch {torch.__version__}, "
+            f"{time.strftime('%Y-%m-%d')}")
+
+
+def demo_all(out: Path, pretrain: Path, steps: int) -> int:
+    results = {}
+    for task in TASKS:
+        for encoder in ("pretrained", "untrained"):
+            results[f"{task}/{encoder}"] = finetune_and_evaluate(
+                out, task, pretrain if encoder == "pretrained" else None, out / "finetune_all" / task / encoder)
+    baselines = trivial_baselines(out / "corpus")
+    valid = rows(pretrain / "metrics.jsonl", "valid")
+    summary = {"machine": machine(), "pretrain_steps": steps, "pretrain_valid_accuracy": valid[-1]["accuracy"]
+               if valid else None, "results": results, "baselines": baselines}
+    (out / "demo_all.json").write_text(json.dumps(summary, indent=1))
+
+    print("\n=== demo-all: test-set metrics, each task fine-tuned with the same config and budget")
+    print(f"machine: {summary['machine']}; pre-training: tiny, {steps} steps\n")
+    print("| task (test set) | metric | pre-trained encoder | untrained encoder | trivial baseline | fine-tune time |")
+    print("|---|---|---|---|---|---|")
+    for task, (corpus_set, _, keys) in TASKS.items():
+        pre, scratch = results[f"{task}/pretrained"], results[f"{task}/untrained"]
+        for key in keys:
+            lower = key in ("per", "wer", "cer")
+            name = f"{key.upper()} (lower is better)" if lower else f"{key} (higher is better)"
+            print(f"| {task} ({corpus_set}, {int(pre['num_utterances'])} utt.) | {name} | {pre[key]:.3f} | "
+                  f"{scratch[key]:.3f} | {baselines[task][key]:.3f} | "
+                  f"{pre['finetune_seconds']:.0f} s / {scratch['finetune_seconds']:.0f} s |")
+    print(f"\nwritten to {out / 'demo_all.json'}")
+    return 0
+
+
+def demo(out: Path, pretrain: Path, steps: int) -> int:
+    py = sys.executable
+    finetune, hf_dir = out / "finetune" / "phoneme", out / "hf" / "phoneme"
+    test = finetune_and_evaluate(out, "phoneme", pretrain, finetune, [f"train.max_steps={steps}"])
     run("export to transformers", [py, "tools/convert_to_hf.py", "--checkpoint", str(finetune), "--output",
                                    str(hf_dir), "--model-class", "ctc"])
     run("load the export with transformers",
@@ -91,13 +186,25 @@ def main(argv: list[str]) -> int:
         print(f"valid {'loss':22s} {valid[0]['loss']:10.3f} {valid[-1]['loss']:10.3f}")
         print(f"valid {'accuracy':22s} {valid[0]['accuracy']:10.3f} {valid[-1]['accuracy']:10.3f}")
     print(f"chance accuracy (1 / (K + 1) distractors): {1 / 11:.3f}")
-    test = json.loads((finetune / "test_metrics.json").read_text())
-    print(f"phoneme fine-tuning, test set (held-out voices): {json.dumps(test)}")
+    print(f"phoneme fine-tuning, test set (held-out voices): PER {test['per']:.3f} "
+          f"({int(test['num_utterances'])} utterances)")
     print("(at demo scale the encoder has seen ~1 h of audio for a few hundred steps: expect PER near 1.0; "
           "see README 'Status')")
     print(f"outputs: {pretrain} (pre-training), {finetune} (fine-tuning), {hf_dir} (transformers directory), "
           f"plots in {pretrain / 'plots'}")
     return 0
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("demo"))
+    parser.add_argument("--steps", type=int, default=400, help="pre-training steps (default 400)")
+    parser.add_argument("--scale", type=float, default=1.0, help="demo corpus scale (default 1: ~2.6 h)")
+    parser.add_argument("--all", action="store_true", help="all four tasks, pre-trained vs untrained encoder")
+    args = parser.parse_args(argv)
+    out = args.out.resolve()
+    pretrain = prepare_pretraining(out, args.steps, args.scale)
+    return demo_all(out, pretrain, args.steps) if args.all else demo(out, pretrain, args.steps)
 
 
 if __name__ == "__main__":
