@@ -11,6 +11,9 @@ Checks, each PASS / FAIL / SKIP with its numbers:
                 kernel (fails if our attention inputs cannot take it);
 - train_steps:  a few real training steps (train_step: forward_backward_no_pipelining, DDP, megatron optimizer)
                 with NCCL at world size 1, bf16 and fp16 (dynamic loss scale): finite losses, updates applied;
+- drivers:      the entry points as a user runs them, each a fresh process on this device: pretrain 3 steps,
+                resume to 4, fine-tune (speaker) 2 steps from it, evaluate, embed (model and batches placed on the
+                GPU by the library, collectives on NCCL);
 - tp2:          SKIP on one GPU (NCCL refuses two ranks on one GPU); the TP equalities are tested on CPU.
 With `--device cpu` (the dry run of a machine without a GPU) the same code runs on the CPU path: the plumbing
 is exercised, the GPU-only parts are SKIP. Exit status: 1 if any check failed.
@@ -182,6 +185,65 @@ def check_train_steps(device: str, ref: dict, steps: int = 4) -> dict:
             "world_size": torch.distributed.get_world_size(), **results}
 
 
+def check_drivers(device: str, ref: dict) -> dict:
+    import wave
+
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fixtures import write_split
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    rng = np.random.default_rng(SEED)
+    runs, ok = {}, True
+    with tempfile.TemporaryDirectory() as tmp:
+        utterances = []
+        for i in range(12):
+            t = np.arange(int(rng.uniform(1.0, 2.0) * 16_000)) / 16_000
+            audio = np.sin(2 * np.pi * (120 + 60 * (i % 2)) * t) * 8000 + rng.standard_normal(len(t)) * 300
+            utterances.append((f"u{i:02d}", audio.astype(np.int16), {"language": "xx", "speaker": f"s{i % 2}"}))
+        prefix = os.path.join(tmp, "synthetic")
+        write_split(prefix, "train", utterances[:10])
+        write_split(prefix, "valid", utterances[10:])
+        with wave.open(os.path.join(tmp, "a.wav"), "wb") as f:
+            f.setnchannels(1), f.setsampwidth(2), f.setframerate(16_000)
+            f.writeframes(utterances[0][1].tobytes())
+        pre, ft = os.path.join(tmp, "pretrain"), os.path.join(tmp, "finetune")
+        common = [f"data.prefix={prefix}", f"train.save_dir={pre}", "train.eval_interval=2", "train.log_interval=1",
+                  "data.max_tokens=64000", "train.precision=bf16" if device == "cuda" else "train.precision=fp32"]
+        commands = {
+            "pretrain": ["-m", "megatron_speech.pretrain", "--config", "configs/tiny.yaml", "train.max_steps=3",
+                         *common],
+            "resume": ["-m", "megatron_speech.pretrain", "--config", "configs/tiny.yaml", "train.max_steps=4",
+                       *common],
+            "finetune": ["-m", "megatron_speech.finetune", "--config", "configs/finetune/speaker.yaml",
+                         f"pretrained={pre}", f"data.prefix={prefix}", f"train.save_dir={ft}", "train.max_steps=2",
+                         "finetune.freeze_encoder_steps=1", "train.eval_interval=2", "data.max_tokens=64000",
+                         "data.max_sample_seconds=4"],
+            "evaluate": ["-m", "megatron_speech.evaluate", "--checkpoint", ft, "--manifest", f"{prefix}_valid.manifest.jsonl"],
+            "embed": ["-m", "megatron_speech.embed", "--checkpoint", pre, "--audio", os.path.join(tmp, "a.wav"),
+                      "--output", os.path.join(tmp, "a.npy")],
+        }
+        for name, args in commands.items():
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+            runs[name] = {"exit": proc.returncode, "seconds": round(time.perf_counter() - t0, 1)}
+            if proc.returncode != 0:
+                runs[name]["output_tail"] = (proc.stdout + proc.stderr)[-2500:]
+                ok = False
+                break
+        if ok:
+            rows = [json.loads(x) for x in Path(pre, "metrics.jsonl").read_text().splitlines() if x.strip()]
+            steps = [r["step"] for r in rows if r["split"] == "train"]
+            runs["pretrain_steps_logged"] = steps
+            runs["embedding_shape"] = list(np.load(os.path.join(tmp, "a.npy")).shape)
+            ok = steps == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+    return {"status": "PASS" if ok else "FAIL", **runs}
+
+
 def check_tp2(device: str) -> dict:
     import torch
 
@@ -229,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
 
     initialize_parallel(1, SEED)
     checks = [("gpu_vs_cpu", check_gpu_vs_cpu), ("bf16", check_bf16), ("sdpa_flash", check_sdpa_flash),
-              ("train_steps", check_train_steps)]
+              ("train_steps", check_train_steps), ("drivers", check_drivers)]
     for name, fn in checks:
         t0 = time.perf_counter()
         try:

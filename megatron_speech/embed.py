@@ -41,7 +41,8 @@ def embed(checkpoint: str, audio: str, layer: int | None = None, use_ema: bool =
     load_model_weights(checkpoint, model, use_ema=use_ema)
     wave = load_waveform(audio, cfg.data.normalize, cfg.data.normalize_eps)
     with torch.no_grad():
-        return model.encode(wave, output_layer=layer)[0].numpy()  # [frames, hidden]
+        hidden = model.encode(wave.to(next(model.parameters()).device), output_layer=layer)[0]
+    return hidden.float().cpu().numpy()  # [frames, hidden]
 
 
 def main(argv: list[str]) -> int:

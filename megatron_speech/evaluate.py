@@ -38,6 +38,7 @@ def evaluate_checkpoint(checkpoint: str, manifest: str, use_ema: bool = False, o
     from megatron_speech.tasks import metrics as task_metrics
     from megatron_speech.tasks.task import Task
     from megatron_speech.training.finetune_step import batch_stats, task_loss
+    from megatron_speech.training.step import to_device
 
     cfg = checkpoint_config(checkpoint)
     if cfg.finetune.task == "none":
@@ -60,9 +61,10 @@ def evaluate_checkpoint(checkpoint: str, manifest: str, use_ema: bool = False, o
     rows = []
     with torch.no_grad():
         for batch in eval_batches(split, task, cfg):
+            batch = to_device(batch)
             logits = model(batch["waveform"], padding_mask=batch["padding_mask"])
             loss, infeasible = task_loss(task, logits, batch)
-            totals += batch_stats(task, logits, batch, loss, infeasible, 1.0, with_scores=True)
+            totals += batch_stats(task, logits, batch, loss, infeasible, 1.0, with_scores=True).cpu()
             if output:
                 real = (~batch["padding_mask"]).sum(1).tolist()
                 for uid, ref, hyp in zip(batch["ids"], batch["references"],

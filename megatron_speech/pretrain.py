@@ -130,7 +130,8 @@ def train(cfg, progress: dict[str, int]) -> int:
         step, loader_state = state["step"], state["loader"]
         monitor.load_state_dict(state["monitor"])
         logger.info("resumed from %s", checkpoint_dir(t.save_dir, resume_from))
-    loader = build_pretrain_loader(cfg.data, cfg.model, dp_rank, dp, t.num_micro_batches, tp, t.seed, loader_state)
+    loader = build_pretrain_loader(cfg.data, cfg.model, dp_rank, dp, t.num_micro_batches, tp, t.seed, loader_state,
+                                   pin_memory=torch.cuda.is_available())  # to_device then copies asynchronously
     eval_loader = build_eval_loader(cfg.data, cfg.model, dp_rank, dp, tp, t.seed) if t.eval_interval > 0 else None
     stop = StopSignal(t.exit_on_signal)
 

@@ -107,6 +107,12 @@ def initialize_parallel(tensor_model_parallel_size: int = 1, seed: int = 1234, b
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def compute_device() -> torch.device:
+    """Where this rank's model and batches live: its GPU (initialize_parallel picked it from LOCAL_RANK), or the
+    CPU when there is none."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def destroy_parallel() -> None:
     """Tear down megatron-core's groups and the default process group (safe to call twice)."""
     parallel_state.destroy_model_parallel()

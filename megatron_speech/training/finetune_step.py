@@ -26,7 +26,8 @@ from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_speech.tasks import metrics as task_metrics
 from megatron_speech.tasks.task import Task
-from megatron_speech.training.step import _grads_finite, _has_loss_scaler
+from megatron_speech.parallel.initialize import compute_device
+from megatron_speech.training.step import _grads_finite, _has_loss_scaler, to_device
 
 
 def task_loss(task: Task, logits: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +40,7 @@ def task_loss(task: Task, logits: torch.Tensor, batch: dict[str, Any]) -> tuple[
         infeasible = (batch["target_min_frames"] > real_frames).sum().to(torch.float64)
         return per_utterance.sum(), infeasible
     loss = F.cross_entropy(logits.float(), batch["targets"], ignore_index=-1, reduction="sum")
-    return loss, torch.zeros((), dtype=torch.float64)
+    return loss, torch.zeros((), dtype=torch.float64, device=logits.device)
 
 
 def batch_stats(task: Task, logits: torch.Tensor, batch: dict[str, Any], loss_sum: torch.Tensor,
@@ -52,7 +53,8 @@ def batch_stats(task: Task, logits: torch.Tensor, batch: dict[str, Any], loss_su
         predictions = task_metrics.decode(task, logits, real_frames.tolist())
         scores = task_metrics.score(task, predictions, batch["references"])
         values += [scores[name] for name in task_metrics.stat_names(task)[len(task_metrics.COMMON):]]
-    stats = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values])
+    # on the logits' device: the stats are all-reduced, and NCCL takes GPU tensors only
+    stats = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=logits.device) for v in values])
     stats[1:] *= share  # the loss is already this rank's share
     return stats
 
@@ -61,13 +63,13 @@ def loss_func(task: Task, share: float, with_scores: bool, batch: dict[str, Any]
     """megatron's 3-tuple: (this rank's share of the loss sum, utterances of the micro-batch, stats to sum)."""
     loss_sum, infeasible = task_loss(task, logits, batch)
     loss = loss_sum * share
-    count = torch.tensor(batch["padding_mask"].shape[0], dtype=torch.int)  # the same on every TP rank
+    count = torch.tensor(batch["padding_mask"].shape[0], dtype=torch.int, device=logits.device)  # same on all TP ranks
     return loss, count, {"stats": batch_stats(task, logits, batch, loss, infeasible, share, with_scores)}
 
 
 def forward_step(task: Task, with_scores: bool, batch_iterator, model):
     """Waveform positionally (Float16Module casts positional inputs only), masks by keyword."""
-    batch = next(batch_iterator)
+    batch = to_device(next(batch_iterator))
     share = 1.0 / get_attr_wrapped_model(model, "tp_group").size()
     logits = model(batch["waveform"], padding_mask=batch["padding_mask"], mask=batch.get("mask"),
                    channel_mask=batch.get("channel_mask"))
@@ -127,6 +129,6 @@ def evaluate(model, task: Task, batches: Iterable[dict[str, Any]]) -> dict[str, 
         if batches:
             stats = run_micro_batches(model, task, batches, forward_only=True, with_scores=True)
         else:
-            stats = torch.zeros(len(task_metrics.stat_names(task)), dtype=torch.float64)
+            stats = torch.zeros(len(task_metrics.stat_names(task)), dtype=torch.float64, device=compute_device())
     model.train(was_training)
     return task_metrics.metrics(task, global_sums(task, stats, with_scores=True))

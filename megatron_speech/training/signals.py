@@ -10,6 +10,8 @@ import signal
 import torch
 import torch.distributed as dist
 
+from megatron_speech.parallel.initialize import compute_device
+
 EXIT_DONE = 0
 """max_steps reached, or early-stopped: do not requeue."""
 EXIT_PREEMPTED = 75
@@ -39,7 +41,7 @@ class StopSignal:
         self.signal_name = signal.Signals(signum).name
 
     def requested(self) -> bool:
-        flag = torch.tensor(1 if self._flag else 0, dtype=torch.int32)
+        flag = torch.tensor(1 if self._flag else 0, dtype=torch.int32, device=compute_device())  # NCCL: on the GPU
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

@@ -14,6 +14,8 @@ import torch.distributed as dist
 from megatron.core.pipeline_parallel.schedules import forward_backward_no_pipelining
 from megatron.core.utils import get_attr_wrapped_model
 
+from megatron_speech.parallel.initialize import compute_device
+
 # Per micro-batch statistics, summed over micro-batches and every rank (TP and DP) to get global totals.
 STATS = ("loss_sum", "contrastive_sum", "num_masked", "accuracy_sum", "diversity_x_count",
          "code_perplexity_x_count", "num_samples", "num_frames")
@@ -37,10 +39,17 @@ def loss_func(batch_size: tuple[float, float], output) -> tuple[torch.Tensor, to
     return output.loss, output.num_masked, {"stats": stats}
 
 
+def to_device(batch: dict[str, Any], device: torch.device | None = None) -> dict[str, Any]:
+    """The batch's tensors on `device` (default: this rank's compute device); other values (ids, texts) as they
+    are. non_blocking: a batch the loader pinned copies while the GPU works."""
+    device = compute_device() if device is None else device
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def forward_step(batch_iterator: Iterator[dict[str, Any]], model):
     """Reads one micro-batch: waveform [B, T] positionally (Float16Module casts positional inputs only), the
     integer masks and distractor indices by keyword."""
-    batch = next(batch_iterator)
+    batch = to_device(next(batch_iterator))
     tp = get_attr_wrapped_model(model, "tp_group").size()
     output = model(batch["waveform"], mask=batch["mask"], negatives=batch["negatives"],
                    channel_mask=batch.get("channel_mask"))
@@ -116,7 +125,8 @@ def _grads_finite(model) -> bool:
     if buffers:  # one fp32 sum per buffer: NaN and inf propagate, and nothing gradient-sized is allocated
         bad = (~torch.stack([b.grad_data.sum(dtype=torch.float32) for b in buffers]).isfinite().all())
     else:
-        bad = torch.tensor(not all(p.grad is None or bool(p.grad.isfinite().all()) for p in model.parameters()))
+        bad = torch.tensor(not all(p.grad is None or bool(p.grad.isfinite().all()) for p in model.parameters()),
+                           device=compute_device())
     bad = bad.to(torch.int32).reshape(1)
     if dist.is_initialized():
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)

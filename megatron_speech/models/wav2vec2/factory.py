@@ -70,8 +70,10 @@ def build_pretraining_model(
     pg_collection: ProcessGroupCollection | None = None,
     recompute_conv: bool = False,
     use_te: bool | None = None,
+    device: torch.device | str | None = None,
 ) -> Wav2Vec2ForPretraining:
-    """The pre-training model on this rank (parallel_state must be initialized unless pg_collection given)."""
+    """The pre-training model on this rank (parallel_state must be initialized unless pg_collection given), on
+    `device` (default: parallel.initialize.compute_device(), this rank's GPU or the CPU)."""
     if pg_collection is None:
         pg_collection = ProcessGroupCollection.use_mpu_process_groups()
     encoder = Wav2Vec2Encoder(
@@ -82,7 +84,7 @@ def build_pretraining_model(
         dropout=cfg.dropout,
         pg_collection=pg_collection,
     )
-    return Wav2Vec2ForPretraining(
+    model = Wav2Vec2ForPretraining(
         tconfig,
         feature_extractor=ConvFeatureExtractor(
             cfg.conv_layers, bias=cfg.conv_bias, grad_mult=cfg.feature_grad_mult, recompute=recompute_conv
@@ -100,6 +102,14 @@ def build_pretraining_model(
         feature_penalty_weight=cfg.feature_penalty_weight,
         pg_collection=pg_collection,
     )
+    # megatron's linear layers already sit on the GPU (use_cpu_initialization is off there); the conv front-end,
+    # quantizer and projections are torch modules built on the CPU: every parameter must be on one device before
+    # megatron's DDP lays its gradient buffers over them.
+    if device is None:
+        from megatron_speech.parallel.initialize import compute_device
+
+        device = compute_device()
+    return model.to(device)
 
 
 def gumbel_temperature(cfg: Wav2Vec2Config, step: int) -> float:
@@ -113,7 +123,7 @@ def count_parameters(cfg: Wav2Vec2Config) -> int:
     tconfig.use_cpu_initialization = True
     tconfig.perform_initialization = False
     with torch.device("meta"):
-        model = build_pretraining_model(cfg, tconfig, pg_collection=_single_rank_groups())
+        model = build_pretraining_model(cfg, tconfig, pg_collection=_single_rank_groups(), device="meta")
     return sum(p.numel() for p in model.parameters())
 
 

@@ -198,5 +198,6 @@ def build_finetuning_model(
         raise ValueError(f"head kind {kind!r}: expected 'ctc' or 'classification'")
     num_states = wav2vec2.config.num_layers + 1
     layer_sum = LayerWeightedSum(num_states) if layer_weighting else None
-    return Wav2Vec2ForFinetuning(wav2vec2.config, wav2vec2, head, layer_sum)
+    device = next(wav2vec2.parameters()).device  # the head joins the encoder where it was built
+    return Wav2Vec2ForFinetuning(wav2vec2.config, wav2vec2, head, layer_sum).to(device)
 
