@@ -26,7 +26,6 @@ from megatron.core import parallel_state
 from megatron_speech.checkpoint.checkpointing import (
     SaveError,
     checkpoint_dir,
-    latest_step,
     load_checkpoint,
     resume_step,
     save_checkpoint,
@@ -35,22 +34,15 @@ from megatron_speech.checkpoint.model_io import load_model_weights
 from megatron_speech.config import config_to_dict, format_help, load_config, parse_cli
 from megatron_speech.data.loader import build_eval_loader, build_pretrain_loader
 from megatron_speech.models.wav2vec2.factory import build_pretraining_model, gumbel_temperature, transformer_config
-from megatron_speech.parallel.faults import collective_failure_message, is_collective_failure
-from megatron_speech.parallel.initialize import (
-    destroy_parallel,
-    env_from_slurm,
-    initialize_parallel,
-    world_size_from_env,
-)
 from megatron_speech.training import dry_run
+from megatron_speech.training.driver import run_training
 from megatron_speech.training.ema import EMA
-from megatron_speech.training.monitor import Monitor, setup_logging
+from megatron_speech.training.monitor import Monitor
 from megatron_speech.training.optim import build_optimizer, build_scheduler
 from megatron_speech.training.parallelize import wrap_for_training
 from megatron_speech.training.signals import (
     EXIT_DIVERGED,
     EXIT_DONE,
-    EXIT_PEER_FAILED,
     EXIT_PREEMPTED,
     EXIT_SAVE_FAILED,
     StopSignal,
@@ -79,27 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if want_help:
         print(format_help(cfg))
         return 0
-    env_from_slurm()
-    cfg.validate(world_size_from_env())  # before any process group forms
-    t = cfg.train
-    initialize_parallel(cfg.parallel.tensor_model_parallel_size, t.seed, timeout_seconds=t.collective_timeout_seconds)
-    setup_logging(dist.get_rank())
-    progress = {"step": 0}  # the last completed step, for the message if a peer fails
-    try:
-        exit_code = train(cfg, progress)
-    except Exception as e:
-        if not is_collective_failure(e):
-            raise
-        # A peer died or hung: no teardown (it would wait on the peer); torchrun / srun end the other ranks.
-        try:
-            latest = latest_step(t.save_dir)
-        except ValueError:
-            latest = None
-        logger.error("%s (exit %d)", collective_failure_message(e, progress["step"], latest,
-                                                              t.collective_timeout_seconds), EXIT_PEER_FAILED)
-        return EXIT_PEER_FAILED
-    destroy_parallel()
-    return exit_code
+    return run_training(cfg, train)
 
 
 def train(cfg, progress: dict[str, int]) -> int:

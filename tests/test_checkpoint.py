@@ -8,7 +8,7 @@ from tests.dist import run_ranks
 from tests.fixtures import global_batch, tiny_config
 
 
-def _setup(tp: int):
+def _setup(tp: int, distributed_optimizer: bool = True):
     from megatron.core import parallel_state
 
     from megatron_speech.models.wav2vec2.factory import build_pretraining_model, transformer_config
@@ -18,10 +18,11 @@ def _setup(tp: int):
     from megatron_speech.training.parallelize import wrap_for_training
 
     initialize_parallel(tp, seed=3)
-    cfg = tiny_config("optim.warmup_steps=1", dropout=0.0)
+    cfg = tiny_config("optim.warmup_steps=1", f"parallel.use_distributed_optimizer={distributed_optimizer}",
+                      dropout=0.0)
     model = build_pretraining_model(cfg.model, transformer_config(cfg.model, tp, False))
     model.quantizer.gumbel_noise = False
-    ddp = wrap_for_training(model, use_distributed_optimizer=True, overlap_grad_reduce=True)
+    ddp = wrap_for_training(model, use_distributed_optimizer=distributed_optimizer, overlap_grad_reduce=True)
     opt = build_optimizer(ddp, cfg.optim, cfg.train, cfg.parallel)
     sched = build_scheduler(opt, cfg.optim)
     ema = EMA(model, 0.9)
@@ -107,3 +108,22 @@ def test_tp2_checkpoint_loads_at_dp2_and_back(tmp_path):
         assert trainer["step"] == 3
         _assert_equal(loaded, read[0][3][0])
         _assert_equal(loaded_ema, read[0][3][1])
+
+
+def _read_with_plain_optimizer(rank, world, save_dir):
+    from megatron_speech.checkpoint.checkpointing import checkpoint_dir, load_checkpoint
+
+    cfg, model, ddp, opt, sched, ema, _, _ = _setup(1, distributed_optimizer=False)
+    try:
+        load_checkpoint(checkpoint_dir(save_dir, 2), ddp, opt, sched, ema)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_optimizer_format_mismatch_is_a_clear_error(tmp_path):
+    # megatron's distributed and plain optimizers store Adam's state differently; resuming one from the other
+    # would die in dist_checkpointing with a missing key
+    run_ranks(_write, 1, 1, str(tmp_path))
+    (message,) = run_ranks(_read_with_plain_optimizer, 1, str(tmp_path))
+    assert message and "parallel.use_distributed_optimizer=True run" in message and "init_checkpoint" in message

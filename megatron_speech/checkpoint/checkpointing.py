@@ -72,6 +72,15 @@ def _layout() -> dict[str, int]:
             "dp": parallel_state.get_data_parallel_world_size(), "world": dist.get_world_size()}
 
 
+def _optimizer_format(optimizer) -> str | None:
+    """"distributed" (megatron's ZeRO-1 optimizer) or "plain": their optimizer states are stored differently and do
+    not load into each other."""
+    if optimizer is None:
+        return None
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return "distributed" if any(type(o).__name__ == "DistributedOptimizer" for o in inner) else "plain"
+
+
 def _ema_entries(model_sd: dict, ema) -> dict[str, ShardedTensor]:
     # The EMA mirrors the model's sharded tensors (same sharding, keys prefixed), so it reshards like them.
     by_param = ema.by_param()
@@ -117,7 +126,7 @@ def save_checkpoint(save_dir: str | Path, step: int, model, optimizer, scheduler
     _on_rank0_then_agree(fresh_dir, f"creating {path}", path)
     state = _state(model, optimizer, ema, is_loading=False, with_rng=True)
     state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
-    state["trainer"] = dict(trainer_state, step=step, layout=_layout())
+    state["trainer"] = dict(trainer_state, step=step, layout=_layout(), optimizer_format=_optimizer_format(optimizer))
     try:
         dist_checkpointing.save(state, str(path))
     except CheckpointException as e:  # megatron gathers every rank's write results and raises this on all of them
@@ -254,6 +263,11 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, ema
         if common.get("scheduler") is None:
             raise ValueError(f"{path} holds model weights only (no optimizer state): load it with "
                              "train.init_checkpoint, not as a run to resume")
+        saved = common["trainer"].get("optimizer_format")
+        if saved is not None and saved != _optimizer_format(optimizer):
+            raise ValueError(f"{path} holds the optimizer state of a parallel.use_distributed_optimizer="
+                             f"{saved == 'distributed'} run; resume with that setting (the two store Adam's state "
+                             "differently), or start a new run from its weights with train.init_checkpoint")
         _materialize_optimizer_state(optimizer)
         template["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_METADATA)
     if ema is not None and ema.enabled and "ema" in _saved_top_keys(path):

@@ -76,6 +76,11 @@ def build_pretraining_model(
     `device` (default: parallel.initialize.compute_device(), this rank's GPU or the CPU)."""
     if pg_collection is None:
         pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+    if device is None:
+        from megatron_speech.parallel.initialize import compute_device
+
+        device = compute_device()
+    device = torch.device(device)
     encoder = Wav2Vec2Encoder(
         tconfig,
         block_spec(cfg.num_layers, use_te),
@@ -87,7 +92,8 @@ def build_pretraining_model(
     model = Wav2Vec2ForPretraining(
         tconfig,
         feature_extractor=ConvFeatureExtractor(
-            cfg.conv_layers, bias=cfg.conv_bias, grad_mult=cfg.feature_grad_mult, recompute=recompute_conv
+            cfg.conv_layers, bias=cfg.conv_bias, grad_mult=cfg.feature_grad_mult, recompute=recompute_conv,
+            contiguous_weight_grad=device.type == "cpu",  # oneDNN's kernel choice (feature_extractor.py)
         ),
         encoder=encoder,
         quantizer=GumbelVectorQuantizer(
@@ -105,10 +111,6 @@ def build_pretraining_model(
     # megatron's linear layers already sit on the GPU (use_cpu_initialization is off there); the conv front-end,
     # quantizer and projections are torch modules built on the CPU: every parameter must be on one device before
     # megatron's DDP lays its gradient buffers over them.
-    if device is None:
-        from megatron_speech.parallel.initialize import compute_device
-
-        device = compute_device()
     return model.to(device)
 
 

@@ -28,6 +28,35 @@ class _GradMultiply(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
+class _ConvWeightGradContiguous(torch.autograd.Function):
+    """F.conv2d on a channels-last [B, C_in, 1, T] input whose backward takes the weight gradient in the
+    contiguous [B, C, 1, T] layout. oneDNN (CPU) computes the channels-last weight gradient of these long 1-D convs
+    4.6x slower than the contiguous one (512 channels, 15887 steps, 2 threads: 617 ms against 133 ms), while its
+    channels-last forward and input gradient are 2x faster than contiguous: keeping those and copying the two
+    tensors for the weight gradient is the fastest mix (docs/performance.md). cuDNN shows no such gap: GPUs keep
+    the plain conv (factory.py decides at build time)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.has_bias = stride, bias is not None
+        return F.conv2d(x, weight, bias, stride=(1, stride))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        conv_args = ((1, ctx.stride), (0, 0), (1, 1), False, (0, 0), 1)  # stride, padding, dilation, ..., groups
+        backward = torch.ops.aten.convolution_backward
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:  # channels-last, as the forward
+            grad_x = backward(grad, x, weight, None, *conv_args, (True, False, False))[0]
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:  # [B, C, 1, T] copies of both tensors
+            bias_sizes = [weight.shape[0]] if ctx.has_bias else None
+            _, grad_weight, grad_bias = backward(grad.contiguous(), x.contiguous(), weight.contiguous(), bias_sizes,
+                                                 *conv_args, (False, True, ctx.has_bias))
+        return grad_x, grad_weight, grad_bias, None
+
+
 class ConvBlock(nn.Module):
     """Conv1d -> LayerNorm over channels (fp32) -> GELU. Input/output [B, T, C] (time-major, contiguous).
 
@@ -35,17 +64,25 @@ class ConvBlock(nn.Module):
     LayerNorm and the GELU then read contiguous rows, and no transpose is ever copied (in the [B, C, T] layout
     every block paid two full copies around its LayerNorm plus strided GELU passes; cuDNN's bf16/fp16 kernels
     and oneDNN's prefer channels-last too). Same weights ([C_out, C_in, k], the checkpoint layout), same sums.
+    `contiguous_weight_grad`: take the weight gradient in [B, C, T] (_ConvWeightGradContiguous; for oneDNN).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, kernel: int, stride: int, bias: bool, eps: float = 1e-5):
+    def __init__(self, in_dim: int, out_dim: int, kernel: int, stride: int, bias: bool, eps: float = 1e-5,
+                 contiguous_weight_grad: bool = False):
         super().__init__()
         self.conv = nn.Conv1d(in_dim, out_dim, kernel_size=kernel, stride=stride, bias=bias)
         self.layer_norm = nn.LayerNorm(out_dim, eps=eps)
         nn.init.kaiming_normal_(self.conv.weight)
+        # The first block (one input channel, no input gradient) is fast in oneDNN's channels-last as it is.
+        self.contiguous_weight_grad = contiguous_weight_grad and in_dim > 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x[:, None].permute(0, 3, 1, 2)  # [B, T, C] -> [B, 1, T, C] -> [B, C, 1, T] (channels-last view)
-        x = F.conv2d(x, self.conv.weight.unsqueeze(2), self.conv.bias, stride=(1, self.conv.stride[0]))
+        weight, stride = self.conv.weight.unsqueeze(2), self.conv.stride[0]
+        if self.contiguous_weight_grad:
+            x = _ConvWeightGradContiguous.apply(x, weight, self.conv.bias, stride)
+        else:
+            x = F.conv2d(x, weight, self.conv.bias, stride=(1, stride))
         x = x.permute(0, 2, 3, 1)[:, 0]  # [B, C, 1, T'] (channels-last) -> [B, 1, T', C] -> [B, T', C]
         return F.gelu(fp32_layer_norm(x, self.layer_norm))
 
@@ -54,11 +91,12 @@ class ConvFeatureExtractor(nn.Module):
     """Waveform [B, T] -> features [B, C, F] through `layers` = [(channels, kernel, stride), ...]."""
 
     def __init__(self, layers: list[tuple[int, int, int]], bias: bool = True, grad_mult: float = 1.0,
-                 recompute: bool = False):
+                 recompute: bool = False, contiguous_weight_grad: bool = False):
         super().__init__()
         blocks, in_dim = [], 1
         for out_dim, kernel, stride in layers:
-            blocks.append(ConvBlock(in_dim, out_dim, kernel, stride, bias))
+            blocks.append(ConvBlock(in_dim, out_dim, kernel, stride, bias,
+                                    contiguous_weight_grad=contiguous_weight_grad))
             in_dim = out_dim
         self.blocks = nn.ModuleList(blocks)
         self.grad_mult = grad_mult
