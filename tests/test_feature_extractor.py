@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_speech.models.wav2vec2.feature_extractor import ConvFeatureExtractor
+from megatron_speech.models.wav2vec2.feature_extractor import CONTIGUOUS_WEIGHT_GRAD_MIN_CHANNELS, ConvFeatureExtractor
 
-LAYERS = [(24, 10, 5), (24, 3, 2), (24, 3, 2), (24, 2, 2)]
+C = CONTIGUOUS_WEIGHT_GRAD_MIN_CHANNELS  # wide enough for the CPU build's weight-gradient path
+LAYERS = [(C, 10, 5), (C, 3, 2), (C, 3, 2), (C, 2, 2)]
 
 
 def reference(extractor: ConvFeatureExtractor, wave: torch.Tensor) -> torch.Tensor:
@@ -31,7 +32,7 @@ def test_features_and_gradients_match_the_conv1d_reference(contiguous_weight_gra
     for block in extractor.blocks[1:]:
         assert block.contiguous_weight_grad == contiguous_weight_grad  # the first block keeps the native path
     wave = torch.randn(3, 4000)
-    probe = torch.randn(3, 24, extractor.num_frames(4000))
+    probe = torch.randn(3, C, extractor.num_frames(4000))
 
     grads = []
     for fn in (extractor, lambda w: reference(extractor, w)):
@@ -50,8 +51,8 @@ def test_input_gradient_of_a_middle_block_matches_the_native_path():
     # the first block's waveform needs no gradient; a middle block's input does (the channels-last grad_input)
     torch.manual_seed(1)
     block = ConvFeatureExtractor(LAYERS, contiguous_weight_grad=True).blocks[1]
-    x = torch.randn(2, 50, 24, requires_grad=True)  # [B, T, C] as the blocks take it
-    probe = torch.randn(2, 24, 24)
+    x = torch.randn(2, 50, C, requires_grad=True)  # [B, T, C] as the blocks take it
+    probe = torch.randn(2, 24, C)
     results = []
     for contiguous in (True, False):
         block.contiguous_weight_grad = contiguous

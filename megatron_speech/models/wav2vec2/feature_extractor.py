@@ -28,6 +28,9 @@ class _GradMultiply(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
+CONTIGUOUS_WEIGHT_GRAD_MIN_CHANNELS = 256
+
+
 class _ConvWeightGradContiguous(torch.autograd.Function):
     """F.conv2d on a channels-last [B, C_in, 1, T] input whose backward takes the weight gradient in the
     contiguous [B, C, 1, T] layout. oneDNN (CPU) computes the channels-last weight gradient of these long 1-D convs
@@ -73,8 +76,9 @@ class ConvBlock(nn.Module):
         self.conv = nn.Conv1d(in_dim, out_dim, kernel_size=kernel, stride=stride, bias=bias)
         self.layer_norm = nn.LayerNorm(out_dim, eps=eps)
         nn.init.kaiming_normal_(self.conv.weight)
-        # The first block (one input channel, no input gradient) is fast in oneDNN's channels-last as it is.
-        self.contiguous_weight_grad = contiguous_weight_grad and in_dim > 1
+        # Only where oneDNN's channels-last weight gradient is the slow one: many channels (base / XL: 512). The
+        # first block (one input channel) and narrow ones (tiny: 32) are faster as they are (the copies cost more).
+        self.contiguous_weight_grad = contiguous_weight_grad and in_dim >= CONTIGUOUS_WEIGHT_GRAD_MIN_CHANNELS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x[:, None].permute(0, 3, 1, 2)  # [B, T, C] -> [B, 1, T, C] -> [B, C, 1, T] (channels-last view)
