@@ -209,7 +209,9 @@ def check_drivers(device: str, ref: dict) -> dict:
         write_split(prefix, "train", utterances[:10])
         write_split(prefix, "valid", utterances[10:])
         with wave.open(os.path.join(tmp, "a.wav"), "wb") as f:
-            f.setnchannels(1), f.setsampwidth(2), f.setframerate(16_000)
+            f.setnchannels(1)
+            f.setsampwidth(2)
+            f.setframerate(16_000)
             f.writeframes(utterances[0][1].tobytes())
         pre, ft = os.path.join(tmp, "pretrain"), os.path.join(tmp, "finetune")
         common = [f"data.prefix={prefix}", f"train.save_dir={pre}", "train.eval_interval=2", "train.log_interval=1",
@@ -223,7 +225,8 @@ def check_drivers(device: str, ref: dict) -> dict:
                          f"pretrained={pre}", f"data.prefix={prefix}", f"train.save_dir={ft}", "train.max_steps=2",
                          "finetune.freeze_encoder_steps=1", "train.eval_interval=2", "data.max_tokens=64000",
                          "data.max_sample_seconds=4"],
-            "evaluate": ["-m", "megatron_speech.evaluate", "--checkpoint", ft, "--manifest", f"{prefix}_valid.manifest.jsonl"],
+            "evaluate": ["-m", "megatron_speech.evaluate", "--checkpoint", ft, "--manifest",
+                         f"{prefix}_valid.manifest.jsonl"],
             "embed": ["-m", "megatron_speech.embed", "--checkpoint", pre, "--audio", os.path.join(tmp, "a.wav"),
                       "--output", os.path.join(tmp, "a.npy")],
         }

@@ -36,8 +36,8 @@ class _ConvWeightGradContiguous(torch.autograd.Function):
     contiguous [B, C, 1, T] layout. oneDNN (CPU) computes the channels-last weight gradient of these long 1-D convs
     4.6x slower than the contiguous one (512 channels, 15887 steps, 2 threads: 617 ms against 133 ms), while its
     channels-last forward and input gradient are 2x faster than contiguous: keeping those and copying the two
-    tensors for the weight gradient is the fastest mix (docs/performance.md). cuDNN shows no such gap: GPUs keep
-    the plain conv (factory.py decides at build time)."""
+    tensors for the weight gradient is the fastest mix (docs/performance.md). cuDNN is not known to have this gap
+    (unmeasured here): GPUs keep the plain conv (factory.py decides at build time)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int) -> torch.Tensor:
