@@ -39,7 +39,7 @@ warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not ins
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_speech.checkpoint.checkpointing import SaveError, checkpoint_dir, load_checkpoint, \
+from megatron_speech.checkpoint.checkpointing import checkpoint_dir, load_checkpoint, \
     resume_step, save_checkpoint
 from megatron_speech.checkpoint.model_io import checkpoint_config, load_model_weights
 from megatron_speech.config import Config, FinetuneConfig, config_to_dict, format_help, load_config, parse_cli
@@ -51,14 +51,13 @@ from megatron_speech.models.wav2vec2.factory import build_pretraining_model, tra
 from megatron_speech.models.wav2vec2.heads import Wav2Vec2ForFinetuning, build_finetuning_model
 from megatron_speech.tasks.metrics import primary_metric
 from megatron_speech.tasks.task import Task, collect_labels
-from megatron_speech.training.driver import run_training
+from megatron_speech.training.driver import SavePolicy, run_training
 from megatron_speech.training.ema import EMA
 from megatron_speech.training.finetune_step import evaluate, train_step
 from megatron_speech.training.monitor import Monitor
 from megatron_speech.training.optim import build_optimizer, build_scheduler
 from megatron_speech.training.parallelize import wrap_for_training
-from megatron_speech.training.signals import EXIT_DIVERGED, EXIT_DONE, EXIT_PREEMPTED, \
-    EXIT_SAVE_FAILED, StopSignal
+from megatron_speech.training.signals import EXIT_DIVERGED, EXIT_DONE
 
 logger = logging.getLogger("megatron_speech")
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,23 +234,16 @@ def train(cfg: Config, progress: dict[str, int]) -> int:
         best = state.get("best", best)
         logger.info("resumed from %s", checkpoint_dir(t.save_dir, resume_from))
     loader = build_finetune_loader(train, task, cfg, dp_rank, dp, tp, loader_state)
-    stop = StopSignal(t.exit_on_signal)
     tags = {"task": task.name, "label_key": task.label_key}
     logger.info("world %d = TP %d x DP %d; %s parameters, %s trained%s", dist.get_world_size(), tp, dp,
                 f"{sum(q.numel() for q in model.parameters()):,}", f"{trainable_count(model):,}",
                 " (encoder frozen)" if frozen else "")
 
-    def save() -> bool:
-        """Save at `step`; False (after an alarm) when the save failed on some rank: all ranks see the same."""
-        try:
-            save_checkpoint(t.save_dir, step, ddp, optimizer, scheduler, ema,
-                            {"loader": loader.state_dict(), "monitor": monitor.state_dict(), "best": best,
-                             "config": config_to_dict(cfg)}, keep_last=t.keep_last)
-        except SaveError as e:
-            monitor.alarm(step, f"checkpoint save failed: {e}")
-            return False
-        logger.info("saved %s", checkpoint_dir(t.save_dir, step))
-        return True
+    # ddp / optimizer / scheduler are rebuilt when the encoder unfreezes: the lambda reads the current ones
+    saves = SavePolicy(t, monitor, lambda at: save_checkpoint(
+        t.save_dir, at, ddp, optimizer, scheduler, ema,
+        {"loader": loader.state_dict(), "monitor": monitor.state_dict(), "best": best,
+         "config": config_to_dict(cfg)}, keep_last=t.keep_last))
 
     def validate() -> str | None:
         metrics = evaluate(ddp, task, eval_batches(valid, task, cfg, dp_rank, dp, tp, t.eval_iters))
@@ -268,7 +260,7 @@ def train(cfg: Config, progress: dict[str, int]) -> int:
             ema.restore(backup)
         return monitor.check_eval(step, {"loss": metrics["loss"]})  # early stopping on the valid loss
 
-    exit_code, reason, saved_at, evaluated_at = EXIT_DONE, f"reached train.max_steps={t.max_steps}", None, None
+    exit_code, reason, evaluated_at = EXIT_DONE, f"reached train.max_steps={t.max_steps}", None
     last_time, audio = time.perf_counter(), 0.0
     while step < t.max_steps:
         if frozen and step >= ft.freeze_encoder_steps:
@@ -303,31 +295,15 @@ def train(cfg: Config, progress: dict[str, int]) -> int:
             evaluated_at = step
             why = validate()
             if why:
-                reason = why
-                if save():
-                    saved_at = step
-                else:
-                    exit_code, reason = EXIT_SAVE_FAILED, f"{why}; but its checkpoint save failed"
+                exit_code, reason = saves.early_stop(step, why)
                 break
-        if t.save_interval > 0 and step % t.save_interval == 0:
-            if save():
-                saved_at = step
-            elif t.on_save_error == "stop":
-                exit_code, reason = EXIT_SAVE_FAILED, "the checkpoint save failed (train.on_save_error=stop)"
-                break
-        if stop.requested():
-            if saved_at != step and save():
-                saved_at = step
-            if saved_at == step:
-                exit_code, reason = EXIT_PREEMPTED, f"stop signal ({stop.signal_name or 'on another rank'})"
-            else:
-                exit_code, reason = EXIT_SAVE_FAILED, "stop signal; but its checkpoint save failed"
+        ending = saves.after_step(step)
+        if ending:
+            exit_code, reason = ending
             break
-    if exit_code == EXIT_DONE:
-        if valid is not None and evaluated_at != step:
-            validate()
-        if saved_at != step and not save():
-            exit_code, reason = EXIT_SAVE_FAILED, f"{reason}; but the final save failed"
+    if exit_code == EXIT_DONE and valid is not None and evaluated_at != step:
+        validate()
+    exit_code, reason = saves.finish(step, exit_code, reason)
     if best["value"] is not None:
         logger.info("best valid %s %s: %.4f at step %d", task.describe, best_name, best["value"], best["step"])
     logger.info("stopping at step %d: %s (exit %d)", step, reason, exit_code)

@@ -23,30 +23,18 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_speech.checkpoint.checkpointing import (
-    SaveError,
-    checkpoint_dir,
-    load_checkpoint,
-    resume_step,
-    save_checkpoint,
-)
+from megatron_speech.checkpoint.checkpointing import checkpoint_dir, load_checkpoint, resume_step, save_checkpoint
 from megatron_speech.checkpoint.model_io import load_model_weights
 from megatron_speech.config import config_to_dict, format_help, load_config, parse_cli
 from megatron_speech.data.loader import build_eval_loader, build_pretrain_loader
 from megatron_speech.models.wav2vec2.factory import build_pretraining_model, gumbel_temperature, transformer_config
 from megatron_speech.training import dry_run
-from megatron_speech.training.driver import run_training
+from megatron_speech.training.driver import SavePolicy, run_training
 from megatron_speech.training.ema import EMA
 from megatron_speech.training.monitor import Monitor
 from megatron_speech.training.optim import build_optimizer, build_scheduler
 from megatron_speech.training.parallelize import wrap_for_training
-from megatron_speech.training.signals import (
-    EXIT_DIVERGED,
-    EXIT_DONE,
-    EXIT_PREEMPTED,
-    EXIT_SAVE_FAILED,
-    StopSignal,
-)
+from megatron_speech.training.signals import EXIT_DIVERGED, EXIT_DONE
 from megatron_speech.training.step import STATS, global_stats, run_micro_batches, train_step
 
 logger = logging.getLogger("megatron_speech")
@@ -105,21 +93,12 @@ def train(cfg, progress: dict[str, int]) -> int:
     loader = build_pretrain_loader(cfg.data, cfg.model, dp_rank, dp, t.num_micro_batches, tp, t.seed, loader_state,
                                    pin_memory=torch.cuda.is_available())  # to_device then copies asynchronously
     eval_loader = build_eval_loader(cfg.data, cfg.model, dp_rank, dp, tp, t.seed) if t.eval_interval > 0 else None
-    stop = StopSignal(t.exit_on_signal)
+    saves = SavePolicy(t, monitor, lambda at: save_checkpoint(
+        t.save_dir, at, ddp, optimizer, scheduler, ema,
+        {"loader": loader.state_dict(), "monitor": monitor.state_dict(), "config": config_to_dict(cfg)},
+        keep_last=t.keep_last))
 
-    def save() -> bool:
-        """Save at `step`; False (after an alarm) when the save failed on some rank: all ranks see the same."""
-        try:
-            save_checkpoint(t.save_dir, step, ddp, optimizer, scheduler, ema,
-                            {"loader": loader.state_dict(), "monitor": monitor.state_dict(),
-                             "config": config_to_dict(cfg)}, keep_last=t.keep_last)
-        except SaveError as e:
-            monitor.alarm(step, f"checkpoint save failed: {e}")
-            return False
-        logger.info("saved %s", checkpoint_dir(t.save_dir, step))
-        return True
-
-    exit_code, reason, saved_at = EXIT_DONE, f"reached train.max_steps={t.max_steps}", None
+    exit_code, reason = EXIT_DONE, f"reached train.max_steps={t.max_steps}"
     while step < t.max_steps:
         temperature = gumbel_temperature(cfg.model, step)
         model.quantizer.temperature = temperature
@@ -145,28 +124,13 @@ def train(cfg, progress: dict[str, int]) -> int:
                         metrics["accuracy"], metrics["code_perplexity"])
             why = monitor.check_eval(step, metrics)
             if why:
-                reason = why
-                if save():
-                    saved_at = step
-                else:
-                    exit_code, reason = EXIT_SAVE_FAILED, f"{why}; but its checkpoint save failed"
+                exit_code, reason = saves.early_stop(step, why)
                 break
-        if t.save_interval > 0 and step % t.save_interval == 0:
-            if save():
-                saved_at = step
-            elif t.on_save_error == "stop":
-                exit_code, reason = EXIT_SAVE_FAILED, "the checkpoint save failed (train.on_save_error=stop)"
-                break
-        if stop.requested():
-            if saved_at != step and save():
-                saved_at = step
-            if saved_at == step:
-                exit_code, reason = EXIT_PREEMPTED, f"stop signal ({stop.signal_name or 'on another rank'})"
-            else:
-                exit_code, reason = EXIT_SAVE_FAILED, "stop signal; but its checkpoint save failed"
+        ending = saves.after_step(step)
+        if ending:
+            exit_code, reason = ending
             break
-    if exit_code == EXIT_DONE and saved_at != step and not save():
-        exit_code, reason = EXIT_SAVE_FAILED, f"{reason}; but the final save failed"
+    exit_code, reason = saves.finish(step, exit_code, reason)
     logger.info("stopping at step %d: %s (exit %d)", step, reason, exit_code)
     monitor.close()
     return exit_code

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.fixtures import ROOT, write_split
+from tests.fixtures import ROOT, write_tone_shards
 
 pytestmark = pytest.mark.slow
 
@@ -21,23 +21,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """Synthetic tonal audio (learnable structure), a train and a valid split."""
-    root = tmp_path_factory.mktemp("shards")
-    rng = np.random.default_rng(0)
-
-    def utterances(n, tag):
-        out = []
-        for i in range(n):
-            t = np.arange(int(rng.uniform(1.5, 4.0) * 16_000)) / 16_000
-            f0 = rng.uniform(100, 300)
-            audio = np.sin(2 * np.pi * f0 * t * (1 + 0.3 * np.sin(2 * np.pi * rng.uniform(0.5, 3) * t)))
-            audio = audio * 8000 + rng.standard_normal(len(t)) * 300
-            out.append((f"{tag}{i:03d}", audio.astype(np.int16), {"language": "xx"}))
-        return out
-
-    prefix = str(root / "tones")
-    write_split(prefix, "train", utterances(48, "t"))
-    write_split(prefix, "valid", utterances(8, "v"))
-    return prefix
+    return write_tone_shards(tmp_path_factory.mktemp("shards"), 48, 8)
 
 
 def torchrun(nproc: int, save_dir: Path, *overrides: str, wait: bool = True):

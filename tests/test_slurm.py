@@ -15,10 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from tests.fixtures import ROOT, write_split
+from tests.fixtures import ROOT, write_tone_shards
 
 pytestmark = pytest.mark.slow
 
@@ -69,21 +68,7 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """Synthetic tonal audio, as in tests/test_pretrain.py."""
-    root = tmp_path_factory.mktemp("slurm_shards")
-    rng = np.random.default_rng(0)
-
-    def utterances(n, tag):
-        out = []
-        for i in range(n):
-            t = np.arange(int(rng.uniform(1.5, 4.0) * 16_000)) / 16_000
-            audio = np.sin(2 * np.pi * rng.uniform(100, 300) * t) * 8000 + rng.standard_normal(len(t)) * 300
-            out.append((f"{tag}{i:03d}", audio.astype(np.int16), {"language": "xx"}))
-        return out
-
-    prefix = str(root / "tones")
-    write_split(prefix, "train", utterances(32, "t"))
-    write_split(prefix, "valid", utterances(4, "v"))
-    return prefix
+    return write_tone_shards(tmp_path_factory.mktemp("slurm_shards"), 32, 4)
 
 
 def sbatch(env: dict, *args: str, wait: bool = False) -> tuple[int, str]:

@@ -94,7 +94,7 @@ def preprocess_labeled(out: Path, corpus_set: str) -> Path:
 
 
 def finetune_and_evaluate(out: Path, task: str, pretrained: Path | None, run_dir: Path,
-                          extra: list[str] = ()) -> dict:
+                          extra: tuple[str, ...] = ()) -> dict:
     """Fine-tune `task` (from `pretrained`, or an untrained encoder when None) and score the test set."""
     corpus_set, config, _ = TASKS[task]
     prefix = preprocess_labeled(out, corpus_set)
@@ -169,7 +169,7 @@ def demo_all(out: Path, pretrain: Path, steps: int) -> int:
 def demo(out: Path, pretrain: Path, steps: int) -> int:
     py = sys.executable
     finetune, hf_dir = out / "finetune" / "phoneme", out / "hf" / "phoneme"
-    test = finetune_and_evaluate(out, "phoneme", pretrain, finetune, [f"train.max_steps={steps}"])
+    test = finetune_and_evaluate(out, "phoneme", pretrain, finetune, (f"train.max_steps={steps}",))
     run("export to transformers", [py, "tools/convert_to_hf.py", "--checkpoint", str(finetune), "--output",
                                    str(hf_dir), "--model-class", "ctc"])
     run("load the export with transformers",

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_speech.checkpoint import integrity
@@ -78,7 +79,7 @@ def _optimizer_format(optimizer) -> str | None:
     if optimizer is None:
         return None
     inner = getattr(optimizer, "chained_optimizers", [optimizer])
-    return "distributed" if any(type(o).__name__ == "DistributedOptimizer" for o in inner) else "plain"
+    return "distributed" if any(isinstance(o, DistributedOptimizer) for o in inner) else "plain"
 
 
 def _ema_entries(model_sd: dict, ema) -> dict[str, ShardedTensor]:

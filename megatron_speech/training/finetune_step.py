@@ -13,7 +13,6 @@ CTC alignments that cannot exist (more tokens + repeats than frames) contribute 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from functools import partial
 from typing import Any
@@ -21,13 +20,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from megatron.core.pipeline_parallel.schedules import forward_backward_no_pipelining
 from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_speech.tasks import metrics as task_metrics
 from megatron_speech.tasks.task import Task
 from megatron_speech.parallel.initialize import compute_device
-from megatron_speech.training.step import _grads_finite, _has_loss_scaler, to_device
+from megatron_speech.training import step as pretrain_step
+from megatron_speech.training.step import to_device
 
 
 def task_loss(task: Task, logits: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,16 +78,7 @@ def forward_step(task: Task, with_scores: bool, batch_iterator, model):
 def run_micro_batches(model, task: Task, batches: list[dict[str, Any]], forward_only: bool = False,
                       with_scores: bool = False) -> torch.Tensor:
     """Forward (and backward) over micro-batches; this rank's summed stats."""
-    stored = forward_backward_no_pipelining(
-        forward_step_func=partial(forward_step, task, with_scores),
-        data_iterator=iter(batches),
-        model=model,
-        num_microbatches=len(batches),
-        seq_length=0,  # unused: variable lengths
-        micro_batch_size=0,
-        forward_only=forward_only,
-    )
-    return torch.stack([s["stats"] for s in stored]).sum(0)
+    return pretrain_step.run_micro_batches(model, batches, forward_only, partial(forward_step, task, with_scores))
 
 
 def global_sums(task: Task, stats: torch.Tensor, with_scores: bool) -> dict[str, float]:
@@ -108,14 +98,7 @@ def train_step(model, optimizer, task: Task, batches: list[dict[str, Any]]) -> d
     optimizer.zero_grad()
     sums = global_sums(task, run_micro_batches(model, task, batches), with_scores=False)
     loss = sums["loss_sum"] / max(sums["num_utterances"], 1.0)
-    nonfinite = None if math.isfinite(loss) else "loss"
-    if nonfinite is None and not _has_loss_scaler(optimizer) and not _grads_finite(model):
-        nonfinite = "gradient"
-    updated, grad_norm = False, None
-    if nonfinite is None:
-        updated, grad_norm, _ = optimizer.step()
-    return {"loss": loss, "finite": nonfinite is None, "nonfinite": nonfinite, "updated": bool(updated),
-            "grad_norm": grad_norm,
+    return {"loss": loss, **pretrain_step.apply_update(model, optimizer, loss),
             "num_samples": sums["num_samples"], "num_utterances": sums["num_utterances"],
             "num_infeasible": sums["num_infeasible"]}
 

@@ -57,10 +57,12 @@ def forward_step(batch_iterator: Iterator[dict[str, Any]], model):
     return output, partial(loss_func, size)
 
 
-def run_micro_batches(model, batches: list[dict[str, Any]], forward_only: bool = False) -> torch.Tensor:
-    """Forward (and backward) over micro-batches; returns this rank's summed STATS."""
+def run_micro_batches(model, batches: list[dict[str, Any]], forward_only: bool = False,
+                      forward_step_func=forward_step) -> torch.Tensor:
+    """Forward (and backward) over micro-batches; returns this rank's summed stats (pre-training's STATS unless
+    another forward_step_func, e.g. fine-tuning's, reports others)."""
     stored = forward_backward_no_pipelining(
-        forward_step_func=forward_step,
+        forward_step_func=forward_step_func,
         data_iterator=iter(batches),
         model=model,
         num_microbatches=len(batches),
@@ -98,14 +100,20 @@ def train_step(model, optimizer, batches: list[dict[str, Any]]) -> dict[str, Any
     model.zero_grad_buffer()
     optimizer.zero_grad()
     metrics = global_stats(run_micro_batches(model, batches))
-    nonfinite = None if math.isfinite(metrics["loss"]) else "loss"
+    return {**metrics, **apply_update(model, optimizer, metrics["loss"])}
+
+
+def apply_update(model, optimizer, loss: float) -> dict[str, Any]:
+    """The optimizer step after the gradients are reduced, skipped on every rank alike when the global `loss` or
+    a gradient is not finite. Returns finite, nonfinite (None, "loss" or "gradient"), updated (fp16 overflow
+    also skips) and the grad norm."""
+    nonfinite = None if math.isfinite(loss) else "loss"
     if nonfinite is None and not _has_loss_scaler(optimizer) and not _grads_finite(model):
         nonfinite = "gradient"
     updated, grad_norm = False, None
     if nonfinite is None:
         updated, grad_norm, _ = optimizer.step()
-    return {**metrics, "finite": nonfinite is None, "nonfinite": nonfinite, "updated": bool(updated),
-            "grad_norm": grad_norm}
+    return {"finite": nonfinite is None, "nonfinite": nonfinite, "updated": bool(updated), "grad_norm": grad_norm}
 
 
 def _has_loss_scaler(optimizer) -> bool:

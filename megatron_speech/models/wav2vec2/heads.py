@@ -48,8 +48,8 @@ class LayerWeightedSum(nn.Module):
         return (stacked * norm.to(stacked.dtype).view(-1, 1, 1)).sum(dim=1)
 
 
-class CTCHead(nn.Module):
-    """Dropout + linear: [B, F, H] -> CTC logits [B, F, V]; index 0 is the blank."""
+class _LinearHead(nn.Module):
+    """Dropout + a linear layer initialized N(0, init_std) with zero bias; subclasses say what it reads."""
 
     def __init__(self, hidden_size: int, num_outputs: int, dropout: float, init_std: float):
         super().__init__()
@@ -57,20 +57,17 @@ class CTCHead(nn.Module):
         self.proj = nn.Linear(hidden_size, num_outputs)
         nn.init.normal_(self.proj.weight, std=init_std)
         nn.init.zeros_(self.proj.bias)
+
+
+class CTCHead(_LinearHead):
+    """Dropout + linear: [B, F, H] -> CTC logits [B, F, V]; index 0 is the blank."""
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
         return self.proj(self.dropout(x))  # padded frames get logits too; the loss and decoding skip them
 
 
-class MeanPoolClassifier(nn.Module):
+class MeanPoolClassifier(_LinearHead):
     """Mean over the real frames, dropout, linear: [B, F, H] -> class logits [B, C]."""
-
-    def __init__(self, hidden_size: int, num_outputs: int, dropout: float, init_std: float):
-        super().__init__()
-        self.dropout = nn.Dropout(dropout)
-        self.proj = nn.Linear(hidden_size, num_outputs)
-        nn.init.normal_(self.proj.weight, std=init_std)
-        nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
         if padding_mask is None:
