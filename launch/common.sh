@@ -17,6 +17,15 @@
 #   --gpu-bind=single:1 (CUDA_VISIBLE_DEVICES would hold one GPU and LOCAL_RANK 3 would not exist; NCCL also
 #   finds NVLink peers only among GPUs it can see).
 #
+# Signals reach every process of the step (slurmstepd signals the step's whole process tree): the DataLoader
+# workers, megatron's checkpoint-writer Manager (spawned at the first save), wandb's service. They are shielded in
+# Python rather than by `--signal=B:USR1` (batch shell only) plus a stop file: preemption and scancel send SIGTERM
+# to every process of the step whatever --signal says, so the helpers must survive a signal anyway, and once they
+# do, USR1 straight to the ranks needs no file on shared storage polled every step. So helpers start with
+# USR1/TERM blocked (the mask is inherited across fork and exec) and DataLoader workers ignore them; only the
+# training processes act (megatron_speech/training/signals.py). A USR1 sent to the batch shell alone
+# (`scancel --batch --signal=USR1`) is forwarded to the step by ms_run_step.
+#
 # Requeue protocol (the driver's exit codes, megatron_speech/training/signals.py):
 #   0  done (train.max_steps reached, or early-stopped)           -> the job ends COMPLETED
 #   75 stopped by USR1/TERM after saving a checkpoint (preempted) -> `scontrol requeue`, unless the batch shell
@@ -27,7 +36,14 @@
 #      MAX_FAILURE_REQUEUES [2]: a flaky node is worth a restart from the last checkpoint, a bug that kills a
 #      rank every time is not worth twenty
 #   5  a checkpoint save failed (disk full, unwritable)           -> no requeue: free space, then resubmit
-#   anything else: a crash                                         -> no self-requeue (--requeue still lets Slurm
+#   128+N  a rank was killed by signal N, before any Python handler could run -> the same bounded requeue as 4
+#      (unless the batch shell got TERM, as for 75). On NCCL this is how a dead or hung peer ends: with
+#      TORCH_NCCL_ASYNC_ERROR_HANDLING=1 the watchdog aborts the process when a collective fails or passes
+#      train.collective_timeout_seconds (SIGABRT: 134); srun --wait=60 then SIGKILLs the ranks still running
+#      (137). 137 is also the kernel's OOM killer, 143 a SIGTERM that arrived before the handlers were installed
+#      (start-up), 139 a segfault. A node's fault is worth a restart from the last checkpoint; a bug that aborts
+#      every time stops after MAX_FAILURE_REQUEUES restarts, with the rank's stderr in the log.
+#   anything else: a crash (a Python exception: 1)                 -> no self-requeue (--requeue still lets Slurm
 #      requeue the job on a node failure)
 # The requeued job resumes from <train.save_dir>/latest by itself.
 
@@ -45,8 +61,9 @@ ms_setup_env() {
     # Every micro-batch has its own crop length (dynamic shapes): growable segments keep the caching
     # allocator from fragmenting into out-of-memory errors.
     export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-    # A collective that fails or times out (a dead node, a hung rank) aborts the process, so srun ends the
-    # step and the job can be requeued, instead of hanging until the wall-time.
+    # A collective that fails or times out (a dead node, a hung rank) aborts the process (SIGABRT, srun exit 134:
+    # the bounded failure requeue of ms_finish), instead of hanging until the wall-time. The abort is the
+    # reliable end: a rank may be stuck in a CUDA sync that no Python exception would interrupt.
     export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
     # megatron-core's recommendation: NCCL buffers freed without record_stream (less memory held).
     export TORCH_NCCL_AVOID_RECORD_STREAMS=${TORCH_NCCL_AVOID_RECORD_STREAMS:-1}
@@ -60,6 +77,11 @@ ms_setup_env() {
     #   NCCL_IB_HCA=mlx5_0,mlx5_1,...           only the compute-fabric HCAs (DGX A100: mlx5_0-3, 6-9; not the
     #                                           storage ones)
     #   NCCL_CROSS_NIC / NCCL_IB_GID_INDEX       RoCE fabrics: ask your admins for their values
+    # torchrun's variables from the submitting shell (sbatch exports its environment to the job) would override
+    # Slurm's in the driver: every task would take the same stale RANK. No torchrun here: the driver maps
+    # SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID itself (megatron_speech/parallel/initialize.py).
+    unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK GROUP_WORLD_SIZE ROLE_RANK ROLE_WORLD_SIZE \
+          ROLE_NAME TORCHELASTIC_RUN_ID TORCHELASTIC_RESTART_COUNT TORCHELASTIC_MAX_RESTARTS
     # The first node of the allocation hosts torch.distributed's store (rank 0 runs there).
     if [[ -z ${MASTER_ADDR:-} ]]; then
         MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
@@ -71,12 +93,20 @@ ms_setup_env() {
 #   CONTAINER_IMAGE=/shared/images/megatron-speech.sqsh   (from `enroot import dockerd://megatron-speech:latest`,
 #                                                          or a registry path: nvcr.io#nvidia/pytorch:25.01-py3)
 #   CONTAINER_MOUNTS=/shared:/shared                      data, checkpoints and this checkout must be visible
-# The flags added to srun: --container-image, --container-mounts, --container-workdir=REPO_DIR, and
-# --no-container-mount-home (a home directory's ~/.local would shadow the image's packages).
+#   CONTAINER_NAME=megatron-speech-$SLURM_JOB_ID            [default] pyxis keeps a named container on each node:
+#                                                          the dry run's srun imports the image on the first node
+#                                                          and the training step reuses it there (an unnamed one
+#                                                          is imported again by every srun: two imports per job).
+#                                                          The job id in the name: never a container of an older
+#                                                          image, whatever pyxis's container_scope.
+# The flags added to srun: --container-image, --container-name, --container-mounts, --container-workdir=REPO_DIR,
+# and --no-container-mount-home (a home directory's ~/.local would shadow the image's packages).
 ms_container_args() {
     MS_CONTAINER=()
     if [[ -n ${CONTAINER_IMAGE:-} ]]; then
-        MS_CONTAINER=(--container-image="$CONTAINER_IMAGE" --container-workdir="$PWD" --no-container-mount-home)
+        MS_CONTAINER=(--container-image="$CONTAINER_IMAGE"
+                      --container-name="${CONTAINER_NAME:-megatron-speech-${SLURM_JOB_ID:?}}"
+                      --container-workdir="$PWD" --no-container-mount-home)
         if [[ -n ${CONTAINER_MOUNTS:-} ]]; then
             MS_CONTAINER+=(--container-mounts="$CONTAINER_MOUNTS")
         fi
@@ -126,16 +156,22 @@ ms_requeue() {
     fi
 }
 
-# ms_finish RC : requeue on 75 or 4 (see the protocol above), then exit with RC.
+# ms_finish RC : requeue on 75, 4 or a rank's death by a signal (see the protocol above), then exit with RC.
 ms_finish() {
     local rc=$1 max=${MAX_REQUEUES:-20}
+    local failure_max=$(( ${MAX_FAILURE_REQUEUES:-2} < max ? ${MAX_FAILURE_REQUEUES:-2} : max ))
     case $rc in
         0) ms_log "training step exited 0: done (or early-stopped)" ;;
         75) ms_requeue "75 (preempted, checkpoint saved)" "$max" ;;
-        4) ms_requeue "4 (a peer rank died or hung; resuming from the last checkpoint)" \
-                      "$(( ${MAX_FAILURE_REQUEUES:-2} < max ? ${MAX_FAILURE_REQUEUES:-2} : max ))" ;;
+        4) ms_requeue "4 (a peer rank died or hung; resuming from the last checkpoint)" "$failure_max" ;;
         3) ms_log "training step exited 3: diverged (see the log above); not requeuing" ;;
         5) ms_log "training step exited 5: a checkpoint save failed (disk full?); not requeuing" ;;
+        129|1[3-8][0-9]|19[0-2])  # 128 + a signal number (1-64)
+            local name why
+            name=SIG$(kill -l "$((rc - 128))" 2>/dev/null || echo "$((rc - 128))")
+            why="$rc (a rank was killed by $name: NCCL's watchdog abort on a failed or timed-out collective, the OOM"
+            why+=" killer, srun --wait; resuming from the last checkpoint)"
+            ms_requeue "$why" "$failure_max" ;;
         *) ms_log "training step failed with exit code $rc; not requeuing" ;;
     esac
     exit "$rc"

@@ -101,9 +101,11 @@ if [[ $1 == show && $2 == hostnames ]]; then echo node-a; echo node-b; fi
 """
 FAKE_PYTHON = """#!/usr/bin/env bash
 echo "python $*" >> "$FAKE_LOG"
+echo "env RANK=${RANK-unset} WORLD_SIZE=${WORLD_SIZE-unset} LOCAL_RANK=${LOCAL_RANK-unset}" >> "$FAKE_LOG"
 if [[ $* == *training.dry_run* || $* == *--dry-run* ]]; then exit "${FAKE_DRY_RC:-0}"; fi
 if [[ -n ${FAKE_WAIT_SIGNAL:-} ]]; then
     trap 'echo "python got USR1" >> "$FAKE_LOG"; exit 75' USR1
+    trap 'echo "python got TERM" >> "$FAKE_LOG"; exit 143' TERM
     echo "python waiting" >> "$FAKE_LOG"
     for _ in $(seq 300); do sleep 0.1; done
     exit 1
@@ -179,12 +181,73 @@ def test_peer_failure_requeues_a_few_times(fakes):
     assert proc.returncode == 4 and calls(log).count("scontrol requeue 4242") == 1, proc.stdout
 
 
-@pytest.mark.parametrize("code", ["3", "5", "1"])
-def test_diverged_or_crashed_is_not_requeued(fakes, code):
+# The launcher's decision table (launch/common.sh): srun's exit code -> requeue or not. 128 + N is a rank killed
+# by signal N before Python could act: NCCL's watchdog abort on a dead or hung peer (134), srun --wait's SIGKILL
+# or the OOM killer (137), a SIGTERM during start-up (143), a segfault (139): the bounded failure requeue of 4.
+@pytest.mark.parametrize("code,requeued,says", [
+    (0, False, "exited 0: done"),
+    (75, True, "exited 75 (preempted, checkpoint saved): requeueing (restart 1 of at most 20)"),
+    (3, False, "exited 3: diverged"),
+    (4, True, "exited 4 (a peer rank died or hung; resuming from the last checkpoint): requeueing (restart 1 of at "
+              "most 2)"),
+    (5, False, "exited 5: a checkpoint save failed"),
+    (134, True, "exited 134 (a rank was killed by SIGABRT: NCCL's watchdog abort"),
+    (137, True, "exited 137 (a rank was killed by SIGKILL"),
+    (143, True, "exited 143 (a rank was killed by SIGTERM"),
+    (139, True, "exited 139 (a rank was killed by SIGSEGV"),
+    (1, False, "failed with exit code 1; not requeuing"),
+    (2, False, "failed with exit code 2; not requeuing"),
+])
+def test_exit_code_decisions(fakes, code, requeued, says):
     env, log = fakes
-    proc = run_sbatch(env, FAKE_RC=code)
-    assert proc.returncode == int(code)
-    assert not any("requeue" in c for c in calls(log))
+    proc = run_sbatch(env, FAKE_RC=str(code))
+    assert says in proc.stdout, proc.stdout + proc.stderr
+    assert ("scontrol requeue 4242" in calls(log)) == requeued, proc.stdout
+    assert proc.returncode == (0 if requeued else code), proc.stdout  # requeued: Slurm restarts the job
+
+
+@pytest.mark.parametrize("code", [134, 137, 143])
+def test_a_rank_killed_by_a_signal_is_requeued_only_a_few_times(fakes, code):
+    env, log = fakes
+    proc = run_sbatch(env, FAKE_RC=str(code), SLURM_RESTART_COUNT="1")
+    assert proc.returncode == 0 and "requeueing (restart 2 of at most 2)" in proc.stdout, proc.stdout
+    proc = run_sbatch(env, FAKE_RC=str(code), SLURM_RESTART_COUNT="2")
+    assert proc.returncode == code and "not requeuing" in proc.stdout, proc.stdout
+    assert calls(log).count("scontrol requeue 4242") == 1
+
+
+def test_stale_launcher_variables_do_not_reach_the_tasks(fakes):
+    """sbatch exports the submitting shell's environment: a RANK left there by torchrun or by hand would give every
+    task the same rank (the driver trusts RANK when set)."""
+    env, log = fakes
+    proc = run_sbatch(env, RANK="5", WORLD_SIZE="9", LOCAL_RANK="3", LOCAL_WORLD_SIZE="9", GROUP_RANK="1",
+                      TORCHELASTIC_RUN_ID="old")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    seen = [c for c in calls(log) if c.startswith("env ")]
+    assert seen and all(c == "env RANK=unset WORLD_SIZE=unset LOCAL_RANK=unset" for c in seen), seen
+
+
+def test_master_port_outside_the_ephemeral_range(monkeypatch):
+    """The srun path derives MASTER_PORT from the job id; Linux's ephemeral ports (32768-60999) may be held by
+    any outgoing connection on the node."""
+    from megatron_speech.parallel import initialize
+
+    ports = set()
+    for job in (0, 1, 12_767, 12_768, 13_000, 19_999, 20_000, 31_999, 987_654_321):
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+            monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv("SLURM_PROCID", "0")
+        monkeypatch.setenv("SLURM_JOB_ID", str(job))
+        monkeypatch.setenv("MASTER_ADDR", "node-a")
+        initialize.env_from_slurm()
+        port = int(os.environ["MASTER_PORT"])
+        assert 1024 < port < 32_768, (job, port)
+        ports.add(port)
+    assert len(ports) >= 7  # and different jobs mostly different ones
+    monkeypatch.setenv("MASTER_PORT", "29400")  # a port set by the user is kept
+    monkeypatch.delenv("RANK")
+    initialize.env_from_slurm()
+    assert os.environ["MASTER_PORT"] == "29400"
 
 
 def test_failed_dry_run_starts_nothing(fakes):
@@ -209,6 +272,22 @@ def test_usr1_to_the_batch_shell_reaches_the_training(fakes):
     assert "scontrol requeue 4242" in calls(log) and proc.returncode == 0, out
 
 
+def test_term_to_the_batch_shell_leaves_the_decision_to_slurm(fakes):
+    """scancel / Slurm's own preemption TERM the batch shell too: a rank's 143 then is not a failure to requeue."""
+    env, log = fakes
+    proc = subprocess.Popen(["bash", "launch/pretrain_xl_4x8.sbatch"], cwd=ROOT, env=dict(env, FAKE_WAIT_SIGNAL="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    while "python waiting" not in calls(log):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert "python got TERM" in calls(log), out
+    assert "after TERM to the job: Slurm ends or requeues it" in out, out
+    assert not any("requeue" in c for c in calls(log)) and proc.returncode == 143, out
+
+
 def test_container_flags(fakes):
     env, log = fakes
     proc = run_sbatch(env, CONTAINER_IMAGE="/shared/img.sqsh", CONTAINER_MOUNTS="/shared:/shared")
@@ -218,6 +297,8 @@ def test_container_flags(fakes):
     for c in sruns:
         assert "--container-image=/shared/img.sqsh" in c and "--container-mounts=/shared:/shared" in c
         assert f"--container-workdir={ROOT}" in c and "--no-container-mount-home" in c
+        # one named container: the training step reuses the dry run's instead of importing the image again
+        assert "--container-name=megatron-speech-4242" in c
 
 
 def test_finetune_sbatch(fakes):

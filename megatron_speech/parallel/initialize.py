@@ -22,6 +22,17 @@ def _env_int(key: str, default: int | None = None) -> int | None:
         raise ValueError(f"environment variable {key}={value!r} is not an integer; set it to one") from None
 
 
+MASTER_PORT_BASE, MASTER_PORT_SPAN = 20_000, 12_000
+"""Under srun, MASTER_PORT = 20000 + job id mod 12000: 20000-31999, below Linux's ephemeral range (32768-60999 by
+default, net.ipv4.ip_local_port_range), where any outgoing connection on the node (NCCL's and gloo's own sockets
+included) may already hold the port."""
+
+
+def master_port_for_job(job_id: int) -> int:
+    """The rendezvous port of a Slurm job: every task of the job computes the same one without talking."""
+    return MASTER_PORT_BASE + job_id % MASTER_PORT_SPAN
+
+
 def env_from_slurm() -> None:
     """Under `srun python -m ...` (no torchrun), derive torch.distributed's variables from Slurm's.
     Leaves an environment that torchrun already set untouched."""
@@ -36,8 +47,7 @@ def env_from_slurm() -> None:
         nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "localhost")
         hosts = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True)
         os.environ["MASTER_ADDR"] = hosts.stdout.split()[0] if hosts.returncode == 0 and hosts.stdout else nodes
-    # a port derived from the job id: every task of the job computes the same one without talking
-    os.environ.setdefault("MASTER_PORT", str(20_000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20_000))
+    os.environ.setdefault("MASTER_PORT", str(master_port_for_job(_env_int("SLURM_JOB_ID", 0))))
 
 
 def world_size_from_env() -> int:
