@@ -35,7 +35,7 @@ from megatron_speech.training.monitor import Monitor
 from megatron_speech.training.optim import build_optimizer, build_scheduler
 from megatron_speech.training.parallelize import wrap_for_training
 from megatron_speech.training.signals import EXIT_DIVERGED, EXIT_DONE
-from megatron_speech.training.step import STATS, global_stats, run_micro_batches, train_step
+from megatron_speech.training.step import evaluate_batches, train_step
 
 logger = logging.getLogger("megatron_speech")
 
@@ -45,9 +45,9 @@ def evaluate(model, eval_loader, num_batches: int) -> dict[str, float]:
     batches = list(islice(iter(eval_loader), min(num_batches, eval_loader.num_batches)))
     model.eval()
     with torch.no_grad():
-        stats = run_micro_batches(model, batches, forward_only=True) if batches else torch.zeros(len(STATS))
+        metrics = evaluate_batches(model, batches)
     model.train()
-    return global_stats(stats)
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ global batch, and so does DP=1 with gradient accumulation."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +81,9 @@ def _rank(rank: int, world_size: int, use_distributed_optimizer: bool):
     )
     model.zero_grad_buffer()
     opt.zero_grad()
-    forward_backward_no_pipelining(forward_step_func=forward_step, data_iterator=iter(mine), model=model,
+    # the step's global masked count: what train_step's all-reduce before the step gives
+    forward_backward_no_pipelining(forward_step_func=partial(forward_step, normalizer=total), data_iterator=iter(mine),
+                                   model=model,
                                    num_microbatches=len(mine), seq_length=0, micro_batch_size=0)
     grads = {}
     if not use_distributed_optimizer:  # with it, each rank's buffer holds only its reduce-scattered shard

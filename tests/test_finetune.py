@@ -291,7 +291,8 @@ def _rank_freeze(rank, world, prefix, distributed):
     # gradients through the new wrapper (old hooks disarmed) = plain autograd of loss / utterances
     batch = next(loader)[0]
     ddp.zero_grad_buffer()
-    run_micro_batches(ddp, task, [batch])  # ends with finalize_model_grads: reduced, divided by the count
+    # ends with finalize_model_grads (reduced); the loss was divided by the step's utterance count
+    run_micro_batches(ddp, task, [batch], normalizer=batch["padding_mask"].shape[0])
     params = [p for p in model.parameters() if p.requires_grad]
     got = [p.main_grad.clone() for p in params]
     logits = model(batch["waveform"], padding_mask=batch["padding_mask"], mask=batch["mask"])

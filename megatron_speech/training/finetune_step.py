@@ -1,11 +1,11 @@
 """One fine-tuning step, the analogue of step.py: micro-batches through megatron-core's
 forward_backward_no_pipelining with per-token loss normalization, where the "tokens" are utterances.
 
-Loss normalization: the loss function returns the loss summed over the micro-batch's utterances (CTC: each
-utterance's negative log-likelihood over its whole label sequence, fairseq's `sentence_avg`; classification: the
-cross-entropy of each utterance) and the utterance count; finalize_model_grads divides the summed gradients by
-the global count, so the update is the mean per utterance over the global batch whatever the DP layout and the
-micro-batch sizes. On a TP group every rank runs the head on the same gathered sequence (models/wav2vec2/heads.py)
+Loss normalization: the loss is summed over the micro-batch's utterances (CTC: each utterance's negative
+log-likelihood over its whole label sequence, fairseq's `sentence_avg`; classification: the cross-entropy of each
+utterance) and divided by the global utterance count of the step (one all-reduce before it, step.agree), so the
+update is the mean per utterance over the global batch whatever the DP layout and the micro-batch sizes, and
+backward magnitudes are a mean's (fp16's loss scale: step.py). On a TP group every rank runs the head on the same gathered sequence (models/wav2vec2/heads.py)
 and reports 1/tp of the loss: the gradients then add up to one copy (encoder through the gather's reduce-scatter,
 head through the TP sum of partial gradients), and summing reported numbers over all ranks gives global totals.
 CTC alignments that cannot exist (more tokens + repeats than frames) contribute 0 (zero_infinity) and are counted.
@@ -58,27 +58,31 @@ def batch_stats(task: Task, logits: torch.Tensor, batch: dict[str, Any], loss_su
     return stats
 
 
-def loss_func(task: Task, share: float, with_scores: bool, batch: dict[str, Any], logits: torch.Tensor):
-    """megatron's 3-tuple: (this rank's share of the loss sum, utterances of the micro-batch, stats to sum)."""
+def loss_func(task: Task, share: float, with_scores: bool, normalizer: float, batch: dict[str, Any],
+              logits: torch.Tensor):
+    """megatron's 3-tuple: (this rank's share of the loss sum / the step's global utterance count, utterances of the
+    micro-batch, stats to sum)."""
     loss_sum, infeasible = task_loss(task, logits, batch)
     loss = loss_sum * share
     count = torch.tensor(batch["padding_mask"].shape[0], dtype=torch.int, device=logits.device)  # same on all TP ranks
-    return loss, count, {"stats": batch_stats(task, logits, batch, loss, infeasible, share, with_scores)}
+    return loss / normalizer, count, {"stats": batch_stats(task, logits, batch, loss, infeasible, share, with_scores)}
 
 
-def forward_step(task: Task, with_scores: bool, batch_iterator, model):
+def forward_step(task: Task, with_scores: bool, batch_iterator, model, normalizer: float = 1.0):
     """Waveform positionally (Float16Module casts positional inputs only), masks by keyword."""
     batch = to_device(next(batch_iterator))
     share = 1.0 / get_attr_wrapped_model(model, "tp_group").size()
     logits = model(batch["waveform"], padding_mask=batch["padding_mask"], mask=batch.get("mask"),
                    channel_mask=batch.get("channel_mask"))
-    return logits, partial(loss_func, task, share, with_scores, batch)
+    return logits, partial(loss_func, task, share, with_scores, normalizer, batch)
 
 
 def run_micro_batches(model, task: Task, batches: list[dict[str, Any]], forward_only: bool = False,
-                      with_scores: bool = False) -> torch.Tensor:
-    """Forward (and backward) over micro-batches; this rank's summed stats."""
-    return pretrain_step.run_micro_batches(model, batches, forward_only, partial(forward_step, task, with_scores))
+                      with_scores: bool = False, normalizer: float = 1.0) -> torch.Tensor:
+    """Forward (and backward) over micro-batches, each loss divided by `normalizer` (the step's global utterance
+    count); this rank's summed stats."""
+    return pretrain_step.run_micro_batches(model, batches, forward_only, partial(forward_step, task, with_scores),
+                                           normalizer)
 
 
 def global_sums(task: Task, stats: torch.Tensor, with_scores: bool) -> dict[str, float]:
@@ -90,17 +94,19 @@ def global_sums(task: Task, stats: torch.Tensor, with_scores: bool) -> dict[str,
     return dict(zip(names, stats.tolist(), strict=True))
 
 
-def train_step(model, optimizer, task: Task, batches: list[dict[str, Any]]) -> dict[str, Any]:
+def train_step(model, optimizer, task: Task, batches: list[dict[str, Any]], stop: bool = False) -> dict[str, Any]:
     """Forward/backward over this DP rank's micro-batches, then one optimizer step unless the global loss or a
-    gradient is not finite (skipped on every rank alike, as pre-training's step.train_step). Returns loss, counts,
-    whether it updated, the grad norm, and `nonfinite` (None, "loss" or "gradient")."""
+    gradient is not finite (skipped on every rank alike, as pre-training's step.train_step). `stop` as there.
+    Returns loss, counts, whether it updated, the grad norm, `nonfinite` (None, "loss" or "gradient") and `stop`."""
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    sums = global_sums(task, run_micro_batches(model, task, batches), with_scores=False)
+    (utterances,), stop = pretrain_step.agree([float(sum(b["padding_mask"].shape[0] for b in batches))], stop)
+    sums = global_sums(task, run_micro_batches(model, task, batches, normalizer=max(utterances, 1.0)),
+                       with_scores=False)
     loss = sums["loss_sum"] / max(sums["num_utterances"], 1.0)
     return {"loss": loss, **pretrain_step.apply_update(model, optimizer, loss),
             "num_samples": sums["num_samples"], "num_utterances": sums["num_utterances"],
-            "num_infeasible": sums["num_infeasible"]}
+            "num_infeasible": sums["num_infeasible"], "stop": stop}
 
 
 def evaluate(model, task: Task, batches: Iterable[dict[str, Any]]) -> dict[str, float]:

@@ -72,7 +72,13 @@ def build_optimizer(model, optim: OptimConfig, train: TrainConfig, parallel: Par
         hysteresis=train.loss_scale_hysteresis,
     )
     _patch_torch_adam_state_restore()
-    return get_megatron_optimizer(config, [model])
+    optimizer = get_megatron_optimizer(config, [model])
+    # megatron's schedules multiply the loss by config.grad_scale_func before backward, and the optimizer divides
+    # the gradients by the loss scale: without the hook fp16 gradients come out 1/scale of their value (Adam's eps
+    # then dominates, clipping never fires, the grad norm is wrong). Megatron-LM's training.py sets it the same
+    # way; for fp32/bf16 the scale is 1. Every optimizer rebuild (fine-tuning's unfreeze) re-points it.
+    model.config.grad_scale_func = optimizer.scale_loss
+    return optimizer
 
 
 def build_scheduler(optimizer, optim: OptimConfig) -> OptimizerParamScheduler:

@@ -40,16 +40,17 @@ def wrap_for_training(
     # replicas), so each replica initialized its own. Broadcast DP rank 0's (megatron-core DDP's own helper).
     ddp.broadcast_params()
     config.no_sync_func = ddp.no_sync
-    if tp_group.size() > 1 and not config.sequence_parallel:
-        config.finalize_model_grads_func = partial(_finalize_and_sum_local, params=local_params, tp_group=tp_group)
-    else:
-        config.finalize_model_grads_func = finalize_model_grads
+    sum_local = tp_group.size() > 1 and not config.sequence_parallel
+    config.finalize_model_grads_func = partial(_finalize, params=local_params if sum_local else [],
+                                               tp_group=tp_group)
     return ddp
 
 
-def _finalize_and_sum_local(model_chunks, num_tokens=None, pg_collection=None, force_all_reduce=False, *,
-                            params, tp_group):
-    finalize_model_grads(model_chunks, num_tokens, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
+def _finalize(model_chunks, num_tokens=None, pg_collection=None, force_all_reduce=False, *, params, tp_group):
+    """megatron's finalize_model_grads without its division by the token count: the loss functions already divide
+    by the step's global count before backward (training/step.py says why). Then, with TP and SP off, the TP sum
+    of the local-slice parameters' partial gradients."""
+    finalize_model_grads(model_chunks, None, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
     grads = [p.main_grad.data for p in params if p.requires_grad]
     if not grads:
         return
