@@ -5,10 +5,12 @@
 #      bench/wheels/ (fetched beforehand by bench/fetch_wheels.sh; the list is bench/wheels.txt) into
 #      bench/.gpu_site/, never touching the system's packages;
 #   2. runs the GPU checks (bench/gpu_checks.py): GPU vs CPU parity, bf16, SDPA flash attention, training steps
-#      with NCCL at world size 1 (bf16, fp16);
-#   3. runs the XL training-throughput benchmark at TP=1 against transformers on the same GPU, with MFU
-#      (bench/train_throughput.py);
-#   4. says that TP=2 needs two GPUs instead of failing.
+#      with NCCL at world size 1 (bf16, fp16), the fp16 loss scale and grad norm against fp32, the entry points;
+#   3. the Transformer Engine stage (its own process): XL with TE's spec, forward/backward without and with a
+#      padding mask, a local-spec checkpoint loaded into it; "SKIPPED: ..." where TE does not import;
+#   4. runs the XL training-throughput benchmark at TP=1 against transformers on the same GPU, with MFU
+#      (bench/train_throughput.py; each implementation isolated, bounded so that its summary always prints);
+#   5. says that TP=2 needs two GPUs instead of failing, and ends with the figures docs/performance.md §5 records.
 # Without a GPU (or with --dry-run) it runs the same stages on the CPU path at tiny sizes: the plumbing is tested,
 # and the wheels are checked to resolve offline for Python 3.12.
 #
@@ -23,7 +25,7 @@ RESULT=""
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY=1 ;;
-        -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "unknown option $arg (see --help)" >&2; exit 2 ;;
         *) RESULT="$arg" ;;
     esac
@@ -74,7 +76,8 @@ pick_python() {
 }
 
 # Modules the stages import, as "distribution=import name".
-CORE="megatron-core=megatron.core numpy=numpy pyyaml=yaml packaging=packaging psutil=psutil"
+CORE="megatron-core=megatron.core numpy=numpy pyyaml=yaml packaging=packaging psutil=psutil
+      soundfile=soundfile cffi=cffi pycparser=pycparser soxr=soxr"
 HF="transformers=transformers huggingface-hub=huggingface_hub tokenizers=tokenizers safetensors=safetensors
     regex=regex tqdm=tqdm httpx2=httpx2 httpcore2=httpcore2 h11=h11 idna=idna truststore=truststore"
 
@@ -158,20 +161,29 @@ range(torch.cuda.device_count())])"
 
     local device=cuda
     (( DRY )) && device=cpu
-    stage "GPU checks ($device)" 180 "$PY" "$REPO/bench/gpu_checks.py" --device "$device" \
-        --json "$WORK/checks.json" || failed=1
+    stage "GPU checks ($device)" 200 "$PY" "$REPO/bench/gpu_checks.py" --device "$device" \
+        --checks gpu_vs_cpu,bf16,sdpa_flash,train_steps,fp16_scale,drivers --json "$WORK/checks.json" || failed=1
+    # its own process: a TE failure (or a crash inside TE's kernels) cannot take the other stages with it
+    stage "Transformer Engine ($device)" 150 "$PY" "$REPO/bench/gpu_checks.py" --device "$device" --checks te \
+        --json "$WORK/te.json" || failed=1
 
+    # the benchmark's --deadline sits inside the stage's limit: it stops starting measurements in time to print
+    # its summary and MFU line, whatever failed
+    local budget
     if (( DRY )); then
-        stage "throughput (tiny, cpu dry run)" 240 "$PY" "$REPO/bench/train_throughput.py" \
+        budget=240
+        (( budget > $(left) - 10 )) && budget=$(( $(left) - 10 ))
+        stage "throughput (tiny, cpu dry run)" "$budget" "$PY" "$REPO/bench/train_throughput.py" \
             --config "$REPO/configs/tiny.yaml" --device cpu --impls ours,transformers --repeats 1 --warmup 1 \
-            --steps 2 --min-time 0 --batch-size 2 --seconds 1 --json "$WORK/bench.json" || failed=1
+            --steps 2 --min-time 0 --batch-size 2 --seconds 1 --deadline $(( budget - 15 )) \
+            --json "$WORK/bench.json" || failed=1
     else
         # XL at TP=1: the config's per-GPU budget (1.2M samples = 5 x 15 s), bf16, ours against transformers
-        local budget=$(( $(left) - 30 ))
+        budget=$(( $(left) - 30 ))
         stage "throughput (xl, tp=1, cuda)" "$budget" "$PY" "$REPO/bench/train_throughput.py" \
             --config "$REPO/configs/xl.yaml" --device cuda --precision bf16 --impls ours,transformers \
-            --repeats 3 --warmup 3 --steps 10 --min-time 3 --worker-timeout 150 --json "$WORK/bench.json" \
-            || failed=1
+            --repeats 3 --warmup 3 --steps 10 --min-time 3 --worker-timeout 150 --deadline $(( budget - 15 )) \
+            --json "$WORK/bench.json" || failed=1
     fi
     if (( gpus < 2 )); then
         echo "== TP=2: skipped: it needs 2 GPUs (NCCL refuses two ranks on one GPU); $gpus here. On a 2-GPU machine:"
@@ -182,12 +194,14 @@ range(torch.cuda.device_count())])"
             --worker-timeout 110 || failed=1
     fi
 
-    for part in checks bench; do
+    for part in checks te bench; do
         if [ -f "$WORK/$part.json" ]; then
             echo "== $part.json"
             cat "$WORK/$part.json"
         fi
     done
+    echo "== figures (docs/performance.md §5)"
+    "$PY" "$REPO/bench/gpu_checks.py" --figures "$WORK"
     echo "== done in $(( SECONDS - START )) s: $( (( failed )) && echo 'SOMETHING FAILED (see above)' || echo 'all passed')" \
          "$( (( DRY )) && echo '[CPU dry run: no GPU figures]')"
     return $failed

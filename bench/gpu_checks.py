@@ -1,6 +1,6 @@
 """The CUDA paths of the model and the training step, checked on one GPU (run by bench/gpu_check.sh).
 
-    python bench/gpu_checks.py [--device cuda|cpu] [--json OUT]
+    python bench/gpu_checks.py [--device cuda|cpu] [--checks NAME,...] [--json OUT]
 
 Checks, each PASS / FAIL / SKIP with its numbers:
 - gpu_vs_cpu:   the same weights and batch give the same loss and gradients on the GPU (fp32, TF32 off) as on the
@@ -11,9 +11,16 @@ Checks, each PASS / FAIL / SKIP with its numbers:
                 kernel (fails if our attention inputs cannot take it);
 - train_steps:  a few real training steps (train_step: forward_backward_no_pipelining, DDP, megatron optimizer)
                 with NCCL at world size 1, bf16 and fp16 (dynamic loss scale): finite losses, updates applied;
+- fp16_scale:   one step in fp16 and one in fp32 from the same weights and batch, wired as training wires them:
+                equal grad norms (within 5%) and the configured initial loss scale kept unless an overflow was
+                reported (a loss never multiplied by the scale gives a ratio of 2^-16);
 - drivers:      the entry points as a user runs them, each a fresh process on this device: pretrain 3 steps,
                 resume to 4, fine-tune (speaker) 2 steps from it, evaluate, embed (model and batches placed on the
                 GPU by the library, collectives on NCCL);
+- te:           XL with Transformer Engine's spec (bf16): a local-spec checkpoint loads into it, forward/backward
+                without a mask (pre-training) and with a padding mask (fine-tuning), outputs equal to the local
+                spec's on the same weights; "SKIPPED: Transformer Engine not importable here (...)" where it is
+                not (bench/gpu_check.sh runs it as its own stage: `--checks te`);
 - tp2:          SKIP on one GPU (NCCL refuses two ranks on one GPU); the TP equalities are tested on CPU.
 With `--device cpu` (the dry run of a machine without a GPU) the same code runs on the CPU path: the plumbing
 is exercised, the GPU-only parts are SKIP. Exit status: 1 if any check failed.
@@ -176,13 +183,222 @@ def check_train_steps(device: str, ref: dict, steps: int = 4) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
         finite = all(torch.isfinite(torch.tensor(losses)))
-        # fp16 starts at a huge loss scale: its first steps overflow and are skipped by design
+        # fp16 may skip a step on an overflow (dynamic loss scale) by design; fp16_scale checks the scaling
         ok = finite and (any(updated) if precision == "fp16" else all(updated))
         results[precision] = {"ok": ok, "losses": losses, "updated": updated,
                               "loss_scale": float(optimizer.get_loss_scale())}
     backend = torch.distributed.get_backend()
     return {"status": "PASS" if all(r["ok"] for r in results.values()) else "FAIL", "backend": backend,
             "world_size": torch.distributed.get_world_size(), **results}
+
+
+FP16_GRAD_NORM_RTOL = 0.05  # fp16 activations against fp32, one step of the tiny model; the bug gave 2^-16
+
+
+def check_fp16_scale(device: str, ref: dict, tries: int = 4) -> dict:
+    """One optimizer step in fp16 and one in fp32 from the same weights and batch, wired as training wires them
+    (wrap_for_training, build_optimizer, train_step): the fp16 grad norm (megatron's, after unscaling) must equal
+    fp32's, and the loss scale must still be the configured initial one unless an overflow was reported. A loss
+    that is never multiplied by the scale while the optimizer still divides by it gives a ratio of 2^-16."""
+    from megatron_speech.training.optim import build_optimizer
+    from megatron_speech.training.step import train_step
+
+    batch = {k: v.to(device) for k, v in ref["batch"].items()}
+    runs = {}
+    for precision in ("fp32", "fp16"):
+        cfg = tiny(f"train.precision={precision}")
+        _, ddp = _wrapped(precision, ref, device)
+        optimizer = build_optimizer(ddp, cfg.optim, cfg.train, cfg.parallel)
+        initial = float(optimizer.get_loss_scale())
+        overflows, out = 0, {}
+        for _ in range(tries):  # an overflow skips the step and leaves the weights as they were: same step again
+            out = train_step(ddp, optimizer, [batch])
+            if out["updated"]:
+                break
+            overflows += 1
+        runs[precision] = {"updated": out["updated"], "grad_norm": out["grad_norm"], "loss": out["loss"],
+                           "overflows_reported": overflows, "loss_scale_before": initial,
+                           "loss_scale_after": float(optimizer.get_loss_scale()),
+                           "configured_initial_loss_scale": cfg.train.initial_loss_scale}
+    f32, f16 = runs["fp32"], runs["fp16"]
+    ratio = (f16["grad_norm"] / f32["grad_norm"]) if f16["grad_norm"] and f32["grad_norm"] else None
+    problems = []
+    if not f32["updated"] or not f16["updated"]:
+        problems.append(f"no update (fp32 {f32['updated']}, fp16 {f16['updated']} after {tries} tries)")
+    if ratio is None or abs(ratio - 1.0) > FP16_GRAD_NORM_RTOL:
+        problems.append(f"fp16/fp32 grad norm ratio {ratio} (limit 1 +- {FP16_GRAD_NORM_RTOL})")
+    if f16["loss_scale_before"] != f16["configured_initial_loss_scale"]:
+        problems.append(f"fp16 started at loss scale {f16['loss_scale_before']}, configured "
+                        f"{f16['configured_initial_loss_scale']}")
+    if f16["overflows_reported"] == 0 and f16["loss_scale_after"] != f16["loss_scale_before"]:
+        problems.append(f"loss scale moved {f16['loss_scale_before']} -> {f16['loss_scale_after']} without an "
+                        "overflow")
+    if f16["overflows_reported"] and f16["loss_scale_after"] > f16["loss_scale_before"]:
+        problems.append("loss scale grew after an overflow")
+    return {"status": "FAIL" if problems else "PASS", "grad_norm_ratio_fp16_fp32": ratio,
+            "loss_scale": f16["loss_scale_after"], "problems": problems, "fp32": f32, "fp16": f16,
+            "limits": f"grad norm ratio 1 +- {FP16_GRAD_NORM_RTOL}; loss scale = the configured initial one unless "
+                      "an overflow was reported"}
+
+
+TE_SECONDS = 4.0  # per utterance in the TE check: a 2 x 4 s batch, small next to XL's weights
+
+
+def _te_skip(device: str) -> str | None:
+    """Why the TE check cannot run here, or None when it can."""
+    try:
+        import transformer_engine  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as e:  # a half-installed TE raises more than ImportError
+        return f"SKIPPED: Transformer Engine not importable here ({type(e).__name__}: {str(e)[:200]})"
+    if device != "cuda":
+        return "SKIPPED: Transformer Engine imports but there is no GPU here (its modules are CUDA-only)"
+    return None
+
+
+def _cosine(a, b) -> float:
+    import torch
+
+    return float(torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0))
+
+
+def check_te(device: str, ref: dict | None = None) -> dict:
+    """XL built with Transformer Engine's spec (the path NVIDIA's container takes), bf16 as trained:
+    - load_local: a checkpoint written from the local (SDPA) spec (save_model_only) loads into it
+      (load_model_weights: TE's `_extra_state` absent from the file);
+    - pretrain: forward/backward of the pre-training loss, no attention mask (what pre-training passes);
+    - padded: the fine-tuning path, `encode` with a padding mask, forward/backward: TE must take the mask;
+    - TE against local on the same weights: loss, and hidden states at real frames (cosine), and a padded
+      utterance's states equal to the same utterance run alone (the mask really masks).
+    Each part is tried on its own, so one failure does not hide the others."""
+    why = _te_skip(device)
+    if why is not None:
+        return {"status": "SKIP", "why": why}
+    import torch
+
+    from megatron_speech.checkpoint.model_io import load_model_weights, save_model_only
+    from megatron_speech.config import load_config
+    from megatron_speech.models.wav2vec2.factory import build_pretraining_model, transformer_config
+    from megatron_speech.training.parallelize import wrap_for_training
+
+    off = [f"model.{k}=0.0" for k in ("dropout", "attention_dropout", "feature_proj_dropout",
+                                      "feature_quantizer_dropout")]
+    cfg = load_config(str(ROOT / "configs/xl.yaml"), off + ["train.precision=bf16"])
+    sys.path.insert(0, str(ROOT / "bench"))
+    from train_throughput import make_batch as bench_batch
+
+    frames = cfg.model.num_frames(int(TE_SECONDS * 16000))
+    frames -= frames % 8
+    batch = {k: v.to(device) for k, v in bench_batch(cfg.model, 2, frames, seed=3).items()}
+    parts: dict[str, dict] = {}
+
+    def part(name, fn):
+        t0 = time.perf_counter()
+        try:
+            parts[name] = {"status": "PASS", **(fn() or {})}
+        except Exception as e:
+            parts[name] = {"status": "FAIL", "error": f"{type(e).__name__}: {str(e)[:800]}",
+                           "traceback": traceback.format_exc()[-2500:]}
+        parts[name]["seconds"] = round(time.perf_counter() - t0, 2)
+        print(f"  te/{name}: {parts[name]['status']} {json.dumps(parts[name], default=str)[:400]}", flush=True)
+        return parts[name]["status"] == "PASS"
+
+    def build(use_te: bool):
+        model = build_pretraining_model(cfg.model, transformer_config(cfg.model, precision="bf16"), use_te=use_te)
+        model.quantizer.gumbel_noise = False  # deterministic codes: the two specs are comparable
+        return model.train()
+
+    models: dict[str, torch.nn.Module] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        def save_local():
+            models["local"] = build(False)
+            save_model_only(os.path.join(tmp, "local"), models["local"], cfg)
+
+        def build_te():
+            models["te"] = build(True)
+            kinds = sorted({type(m).__module__.split(".")[0] for m in models["te"].encoder.modules()})
+            if "transformer_engine" not in kinds:
+                raise AssertionError(f"use_te=True built no Transformer Engine module (module roots: {kinds})")
+            return {"module_roots": kinds}
+
+        def load_local():
+            load_model_weights(os.path.join(tmp, "local"), models["te"])
+
+        saved = part("save_local", save_local)
+        built = part("build_te", build_te)
+        loaded = False
+        if built and saved:
+            loaded = part("load_local", load_local)
+        else:
+            parts["load_local"] = {"status": "FAIL", "error": "not tried: building or saving failed"}
+    if not built:
+        return {"status": "FAIL", **parts}
+    ddp = {name: wrap_for_training(m, use_distributed_optimizer=True) for name, m in models.items()}
+    losses: dict[str, float] = {}
+
+    def pretrain(name):
+        def run():
+            d = ddp[name]
+            d.zero_grad_buffer()
+            out = d(batch["waveform"], mask=batch["mask"], negatives=batch["negatives"])
+            out.loss.backward()
+            torch.cuda.synchronize()
+            finite = all(bool(p.main_grad.isfinite().all()) for p in models[name].parameters()
+                         if hasattr(p, "main_grad"))
+            losses[name] = float(out.loss.detach())
+            if not (finite and torch.isfinite(out.loss)):
+                raise AssertionError(f"loss {losses[name]}, gradients finite: {finite}")
+            return {"loss": losses[name]}
+        return run
+
+    # fine-tuning's call: the utterance 1 is cut to 60% and right-padded, so TE must apply a padding mask
+    real = int(frames * 0.6)
+    padding_mask = torch.zeros(2, frames, dtype=torch.bool, device=device)
+    padding_mask[1, real:] = True
+    wave = batch["waveform"].clone()
+    wave[1, cfg.model.num_samples(real):] = 0.0
+    states: dict[str, torch.Tensor] = {}
+
+    def padded(name):
+        def run():
+            d = ddp[name]
+            d.zero_grad_buffer()
+            inner = models[name]  # the bf16 weights live in it after Float16Module's cast
+            x = inner.encode(wave.to(torch.bfloat16), padding_mask=padding_mask)
+            (x.float().masked_fill(padding_mask[..., None], 0.0).pow(2).mean()).backward()
+            with torch.no_grad():
+                alone = inner.encode(wave[1:2, :cfg.model.num_samples(real)].to(torch.bfloat16))
+            torch.cuda.synchronize()
+            states[name] = x.detach()
+            finite = all(bool(p.main_grad.isfinite().all()) for p in inner.parameters() if hasattr(p, "main_grad"))
+            cos_alone = _cosine(x[1, :real], alone[0])
+            if not (finite and bool(x.isfinite().all())):
+                raise AssertionError(f"non-finite states or gradients (gradients finite: {finite})")
+            if cos_alone < 0.99:
+                raise AssertionError(f"padded utterance != the same utterance alone (cosine {cos_alone:.4f}): "
+                                     "the padding mask is not applied")
+            return {"cosine_padded_vs_alone": cos_alone}
+        return run
+
+    for name in ddp:
+        part(f"pretrain_{name}", pretrain(name))
+        part(f"padded_{name}", padded(name))
+    if loaded and "te" in states and "local" in states and "te" in losses and "local" in losses:
+        def compare():
+            keep = ~padding_mask
+            cos = _cosine(states["te"][keep], states["local"][keep])
+            loss_err = abs(losses["te"] - losses["local"]) / abs(losses["local"])
+            if cos < 0.99 or loss_err > 3e-2:
+                raise AssertionError(f"TE vs local on the same weights: states cosine {cos:.4f} (limit 0.99), loss "
+                                     f"rel err {loss_err:.4f} (limit 3e-2)")
+            return {"states_cosine": cos, "loss_rel_err": loss_err, "loss_te": losses["te"],
+                    "loss_local": losses["local"]}
+        part("te_vs_local", compare)
+    else:
+        parts["te_vs_local"] = {"status": "FAIL", "error": "not compared: an earlier part failed"}
+    failed = [n for n, r in parts.items() if r["status"] == "FAIL"]
+    return {"status": "FAIL" if failed else "PASS", "failed_parts": failed, "frames": frames, **parts,
+            "te_version": getattr(__import__("transformer_engine"), "__version__", "?")}
 
 
 def check_drivers(device: str, ref: dict) -> dict:
@@ -258,15 +474,89 @@ def check_tp2(device: str) -> dict:
     return {"status": "SKIP", "why": f"{gpus} GPUs: run bench/train_throughput.py --tp 2 for the TP=2 figures"}
 
 
+def figures(folder: str) -> list[str]:
+    """The figures docs/performance.md §5 records, one line each, from the JSON files of a gpu_check.sh run
+    (checks.json, te.json, bench.json in `folder`); a missing file or field says so instead of failing."""
+    def read(name: str) -> dict | None:
+        path = Path(folder, name)
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            return {"_missing": f"{name}: {type(e).__name__}"}
+
+    lines = []
+    checks, te, bench = read("checks.json"), read("te.json"), read("bench.json")
+    env = checks.get("environment") or te.get("environment") or {}
+    lines.append(f"device: {env.get('gpu') or env.get('device', '?')} | torch {env.get('torch', '?')} | CUDA "
+                 f"{env.get('cuda')} | megatron-core {env.get('megatron_core', '?')}")
+    if "_missing" in bench:
+        lines.append(f"MFU: no benchmark result ({bench['_missing']})")
+    else:
+        ours = bench.get("impls", {}).get("ours")
+        if ours is None:
+            lines.append(f"MFU: not measured (ours failed: {bench.get('failed', {}).get('ours', '?')})")
+        else:
+            mfu = f"{100 * ours['mfu']:.1f}%" if ours.get("mfu") is not None else "n/a (no GPU peak)"
+            lines.append(f"MFU: ours {mfu} | {ours['audio_s_per_s_per_device']:.2f} audio-s/s per device | "
+                         f"{ours['model_tflops_per_s_per_device']:.2f} model TFLOP/s | peak memory "
+                         f"{ours.get('peak_memory_gib')} GiB | {bench.get('device')}")
+        for name, value in bench.get("ratios", {}).items():
+            lines.append(f"ratio {name} = {value:.3f}")
+        for impl, why in bench.get("failed", {}).items():
+            lines.append(f"benchmark FAILED {impl}: {why}")
+    fp16 = checks.get("fp16_scale")
+    if not fp16:
+        lines.append(f"fp16: no result ({checks.get('_missing', 'fp16_scale not run')})")
+    elif "fp16" in fp16:
+        lines.append(f"fp16: {fp16['status']} | grad norm fp16/fp32 = {fp16['grad_norm_ratio_fp16_fp32']} | loss "
+                     f"scale {fp16['fp16']['loss_scale_before']:g} -> {fp16['loss_scale']:g} (configured "
+                     f"{fp16['fp16']['configured_initial_loss_scale']:g}), overflows "
+                     f"{fp16['fp16']['overflows_reported']}" + (f" | {fp16['problems']}" if fp16["problems"] else ""))
+    else:
+        lines.append(f"fp16: {fp16['status']} {fp16.get('error', '')}")
+    result = te.get("te")
+    if not result:
+        lines.append(f"TE: no result ({te.get('_missing', 'te not run')})")
+    elif result["status"] == "SKIP":
+        lines.append(f"TE: {result['why']}")
+    else:
+        parts = [f"{k} {v['status']}" for k, v in result.items() if isinstance(v, dict) and "status" in v]
+        cmp = result.get("te_vs_local", {})
+        lines.append(f"TE {result.get('te_version', '?')}: {result['status']} | " + ", ".join(parts)
+                     + (f" | states cosine {cmp['states_cosine']:.4f}, loss rel err {cmp['loss_rel_err']:.4f}"
+                        if "states_cosine" in cmp else ""))
+    statuses = {n: r.get("status") for src in (checks, te) for n, r in src.items()
+                if isinstance(r, dict) and "status" in r}
+    lines.append("checks: " + ", ".join(f"{n} {s}" for n, s in statuses.items()))
+    return lines
+
+
+CHECKS = {"gpu_vs_cpu": check_gpu_vs_cpu, "bf16": check_bf16, "sdpa_flash": check_sdpa_flash,
+          "train_steps": check_train_steps, "fp16_scale": check_fp16_scale, "drivers": check_drivers,
+          "te": check_te}
+NEEDS_REFERENCE = {"gpu_vs_cpu", "bf16", "sdpa_flash", "train_steps", "fp16_scale"}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    ap.add_argument("--checks", default=",".join(CHECKS),
+                    help=f"comma-separated subset of {','.join(CHECKS)} (default: all, in this order)")
     ap.add_argument("--json", default=None, help="write the results here too")
+    ap.add_argument("--figures", default=None, metavar="DIR",
+                    help="print the figures of a gpu_check.sh run from DIR's JSON files, and exit")
     ap.add_argument("--reference", default=None, help=argparse.SUPPRESS)  # internal: the CPU subprocess
     args = ap.parse_args(argv)
+    if args.figures:
+        print("\n".join(figures(args.figures)))
+        return 0
     if args.reference:
         reference(args.reference)
         return 0
+    names = [n for n in args.checks.split(",") if n]
+    unknown = sorted(set(names) - set(CHECKS))
+    if unknown:
+        ap.error(f"--checks: unknown {', '.join(unknown)}; choose from {', '.join(CHECKS)}")
 
     import torch
 
@@ -276,29 +566,30 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     results: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "reference.pt")
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(key, None)
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--reference", path], env=env, capture_output=True,
-                              text=True)
-        if proc.returncode != 0:
-            print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-            raise SystemExit("the CPU reference run failed")
-        ref = torch.load(path, weights_only=True)
-        print(f"CPU reference: loss {float(ref['loss']):.6f} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    ref = None
+    if NEEDS_REFERENCE & set(names):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "reference.pt")
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": "",
+                   "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+            for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+                env.pop(key, None)
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, __file__, "--reference", path], env=env, capture_output=True,
+                                  text=True)
+            if proc.returncode != 0:
+                print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+                raise SystemExit("the CPU reference run failed")
+            ref = torch.load(path, weights_only=True)
+            print(f"CPU reference: loss {float(ref['loss']):.6f} ({time.perf_counter() - t0:.1f} s)", flush=True)
 
     from megatron_speech.parallel.initialize import destroy_parallel, initialize_parallel
 
     initialize_parallel(1, SEED)
-    checks = [("gpu_vs_cpu", check_gpu_vs_cpu), ("bf16", check_bf16), ("sdpa_flash", check_sdpa_flash),
-              ("train_steps", check_train_steps), ("drivers", check_drivers)]
-    for name, fn in checks:
+    for name in names:
         t0 = time.perf_counter()
         try:
-            results[name] = fn(device, ref)
+            results[name] = CHECKS[name](device, ref)
         except Exception as e:  # report every check, whatever one of them raises
             results[name] = {"status": "FAIL", "error": f"{type(e).__name__}: {e}",
                              "traceback": traceback.format_exc()[-3000:]}
@@ -306,8 +597,17 @@ def main(argv: list[str] | None = None) -> int:
         if device == "cpu" and name == "gpu_vs_cpu":
             results[name]["note"] = "dry run: CPU against CPU (plumbing only)"
         print(f"{name:12s} {results[name]['status']}  {json.dumps(results[name], default=str)[:600]}", flush=True)
-    results["tp2"] = check_tp2(device)
-    print(f"{'tp2':12s} {results['tp2']['status']}  {results['tp2']['why']}", flush=True)
+        if results[name]["status"] == "SKIP" and "why" in results[name]:
+            print(f"{'':12s} {results[name]['why']}", flush=True)
+        if name == "fp16_scale" and results[name].get("fp16"):
+            r = results[name]
+            print(f"{'':12s} fp16/fp32 grad norm ratio {r['grad_norm_ratio_fp16_fp32']}, loss scale "
+                  f"{r['fp16']['loss_scale_before']:g} -> {r['loss_scale']:g} (configured "
+                  f"{r['fp16']['configured_initial_loss_scale']:g}), overflows {r['fp16']['overflows_reported']}",
+                  flush=True)
+    if set(names) != {"te"}:
+        results["tp2"] = check_tp2(device)
+        print(f"{'tp2':12s} {results['tp2']['status']}  {results['tp2']['why']}", flush=True)
     destroy_parallel()
 
     results["environment"] = {

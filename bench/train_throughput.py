@@ -15,7 +15,9 @@ transformers quantizes and scores every frame, fairseq and ours only the masked 
 each doing what it does. Every measurement runs in a fresh process; implementations are interleaved within each
 repeat (the order rotates) so machine noise hits all of them alike. Reported: median audio-seconds per second
 over repeats (each repeat's own figure is its median step), ours / peer ratios, model FLOP/s from the FLOP
-model, and MFU against the GPU's dense bf16 peak on CUDA.
+model, and MFU against the GPU's dense bf16 peak on CUDA. Each implementation is isolated: one that fails or
+times out is reported (with why) and the others still run; the summary and the MFU line always print, and the
+exit status is 1 when anything failed. `--deadline` bounds the whole run.
 
 Dropouts and Gumbel noise stay on (training as configured). Defaults: on CPU 2 utterances of min(5 s, the
 config's longest crop) in fp32; on CUDA the config's per-micro-batch sample budget at min(15 s, longest crop)
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -373,32 +376,73 @@ def wait_for_idle(max_seconds: float, max_other_cores: float = 0.2, window: floa
             return other
 
 
-def run_worker(args, impl: str) -> dict:
+class WorkerFailed(RuntimeError):
+    """One implementation's measurement process failed or timed out; `reason` is a one-line summary."""
+
+    def __init__(self, impl: str, reason: str, output: str = ""):
+        super().__init__(f"{impl}: {reason}" + (f"\n{output}" if output else ""))
+        self.impl, self.reason, self.output = impl, reason, output
+
+
+def _last_error_line(text: str) -> str:
+    """The last line that looks like an exception (`SomeError: ...`), else the last non-empty line."""
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if head.endswith(("Error", "Exception", "Interrupt")) or head in ("AssertionError", "SystemExit"):
+            return line[:300]
+    return lines[-1][:300] if lines else "no output"
+
+
+def run_worker(args, impl: str, timeout: float | None = None) -> dict:
     """One fresh process; adds `other_cores`: the CPU the rest of the machine used meanwhile (cores), so a
-    measurement taken under contention says so."""
+    measurement taken under contention says so. Raises WorkerFailed when it exits without a result or runs
+    past `timeout` (default --worker-timeout); its whole process group is killed then (torchrun's ranks too)."""
     env = dict(os.environ)
     if args.device == "cpu" and "OMP_NUM_THREADS" not in env and args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     if args.wait_idle > 0:
         wait_for_idle(args.wait_idle)
+    timeout = args.worker_timeout if timeout is None else timeout
     b0, c0, t0 = _busy_seconds(), _children_cpu_seconds(), time.perf_counter()
-    proc = subprocess.run(worker_command(args, impl), capture_output=True, text=True, env=env,
-                          timeout=args.worker_timeout)
+    proc = subprocess.Popen(worker_command(args, impl), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        stdout, stderr = proc.communicate()
+        raise WorkerFailed(impl, f"timed out after {timeout:.0f} s (killed)", (stdout + stderr)[-3000:]) from None
+    except BaseException:  # Ctrl-C, or the stage's own timeout signalling us: never leave a worker behind
+        _kill_group(proc)
+        raise
     wall = time.perf_counter() - t0
-    for line in proc.stdout.splitlines():
+    for line in stdout.splitlines():
         if line.startswith(RESULT_TAG):
             result = json.loads(line[len(RESULT_TAG):])
             if b0 is not None:
                 own = _children_cpu_seconds() - c0
                 result["other_cores"] = max(0.0, (_busy_seconds() - b0 - own) / wall)
             return result
-    raise RuntimeError(f"{impl} worker failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    raise WorkerFailed(impl, f"exit {proc.returncode}: {_last_error_line(stderr or stdout)}",
+                       f"{stdout[-3000:]}\n{stderr[-6000:]}")
 
 
-def summarize(runs: dict[str, list[dict]], device_name: str, peak: float | None, tp: int) -> dict:
-    """Medians per implementation, ours / peer ratios (per device) and MFU."""
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def summarize(runs: dict[str, list[dict]], device_name: str, peak: float | None, tp: int,
+              failed: dict[str, str] | None = None) -> dict:
+    """Medians per implementation, ours / peer ratios (per device) and MFU, over the implementations that gave at
+    least one result; `failed` (implementation -> why) is carried along."""
     impls = {}
     for impl, results in runs.items():
+        if not results:
+            continue
         devices = tp if impl == "ours" else 1
         rate = statistics.median(r["audio_s_per_s"] for r in results)
         flops_per_audio_s = results[0]["model_flops_per_step"] / results[0]["audio_seconds_per_step"]
@@ -424,11 +468,15 @@ def summarize(runs: dict[str, list[dict]], device_name: str, peak: float | None,
             if impl != "ours":
                 ratios[f"ours/{impl}"] = ours["audio_s_per_s_per_device"] / peer["audio_s_per_s_per_device"]
                 cpu_ratios[f"ours/{impl}"] = ours["audio_s_per_cpu_s"] / peer["audio_s_per_cpu_s"]
-    first = next(iter(runs.values()))[0]
-    return {"device": device_name, "peak_bf16_tflops": peak, "batch_size": first["batch_size"],
-            "frames": first["frames"], "audio_seconds_per_step": first["audio_seconds_per_step"],
-            "model_gflops_per_audio_s": first["model_flops_per_step"] / first["audio_seconds_per_step"] / 1e9,
-            "threads": first["threads"], "impls": impls, "ratios": ratios, "cpu_time_ratios": cpu_ratios}
+    out = {"device": device_name, "peak_bf16_tflops": peak, "impls": impls, "ratios": ratios,
+           "cpu_time_ratios": cpu_ratios, "failed": dict(failed or {})}
+    first = next((results[0] for results in runs.values() if results), None)
+    if first is not None:
+        out.update(batch_size=first["batch_size"], frames=first["frames"],
+                   audio_seconds_per_step=first["audio_seconds_per_step"],
+                   model_gflops_per_audio_s=first["model_flops_per_step"] / first["audio_seconds_per_step"] / 1e9,
+                   threads=first["threads"])
+    return out
 
 
 def device_description(device: str) -> str:
@@ -466,12 +514,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads per process (CPU; 0 = torch's)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense peak of the GPU (default: table)")
     ap.add_argument("--worker-timeout", type=float, default=1800.0, help="seconds before a worker is killed")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds for the whole run: no process starts that could not finish in time (each is "
+                         "bounded by what is left), so the summary prints within it (bench/gpu_check.sh)")
     ap.add_argument("--wait-idle", type=float, default=0.0,
                     help="before each process, wait up to this many seconds for other processes to go quiet "
                          "(< 0.2 cores busy): for shared machines")
     ap.add_argument("--json", default=None, help="also write the summary here")
     ap.add_argument("--worker", choices=IMPLS, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    t_start = time.monotonic()  # the --deadline counts from here
 
     if args.device is None:
         import torch
@@ -504,31 +556,78 @@ def main(argv: list[str] | None = None) -> int:
           f"load {load_avg[0]:.2f}", flush=True)
 
     runs: dict[str, list[dict]] = {impl: [] for impl in impls}
+    failed: dict[str, str] = {}  # implementation -> why; it is not run again (its later repeats would fail alike)
+    cut = 0  # measurements left out by the deadline
+    longest = 0.0
     for r in range(args.repeats):
         order = impls[r % len(impls):] + impls[:r % len(impls)]  # rotate: no implementation always goes first
         for impl in order:
-            result = run_worker(args, impl)
+            if impl in failed:
+                continue
+            timeout = args.worker_timeout
+            if args.deadline is not None:
+                left = args.deadline - (time.monotonic() - t_start)
+                # a repeat is only worth starting if it can finish like the slowest one so far did
+                if left < max(5.0, 1.2 * longest) and runs[impl]:
+                    cut += 1
+                    continue
+                if left < 5.0:
+                    failed[impl] = f"repeat {r + 1}: not started: the --deadline of {args.deadline:.0f} s was reached"
+                    print(f"  repeat {r + 1}/{args.repeats} {impl:13s} FAILED: {failed[impl]}", flush=True)
+                    continue
+                timeout = min(timeout, max(1.0, left))
+            t0 = time.monotonic()
+            try:
+                result = run_worker(args, impl, timeout)
+            except WorkerFailed as e:  # isolated: the other implementations still run and the summary prints
+                failed[impl] = f"repeat {r + 1}: {e.reason}"
+                print(f"  repeat {r + 1}/{args.repeats} {impl:13s} FAILED: {e.reason}", flush=True)
+                if e.output:
+                    print("    " + "\n    ".join(e.output.strip().splitlines()[-25:]), file=sys.stderr, flush=True)
+                continue
+            longest = max(longest, time.monotonic() - t0)
             runs[impl].append(result)
             print(f"  repeat {r + 1}/{args.repeats} {impl:13s} {result['audio_s_per_s']:9.3f} audio-s/s "
                   f"(median of {result['steps']} steps: {result['step_s'] * 1e3:.1f} ms/step, "
                   f"{result['cpu_step_s'] * 1e3:.1f} CPU-ms/step; other processes: "
                   f"{result.get('other_cores', float('nan')):.2f} cores)", flush=True)
-
-    summary = summarize(runs, device_name, peak, args.tp)
+    # an implementation that gave results before failing keeps them, but its failure is still reported
+    summary = summarize(runs, device_name, peak, args.tp, failed)
     summary.update(config=args.config, overrides=args.override, precision=args.precision, tp=args.tp,
-                   repeats=args.repeats, load_before=list(load_avg), load_after=list(os.getloadavg()))
+                   repeats=args.repeats, repeats_cut_by_deadline=cut, load_before=list(load_avg),
+                   load_after=list(os.getloadavg()))
+    print_summary(summary)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    return 1 if failed or not summary["impls"] else 0
+
+
+def print_summary(summary: dict) -> None:
+    """The table, the ratios, the MFU line and what failed: printed whatever failed."""
     print(f"{'impl':13s} {'audio-s/s/dev':>14s} {'TFLOP/s/dev':>12s} {'MFU':>7s}")
     for impl, s in summary["impls"].items():
         mfu = f"{100 * s['mfu']:6.1f}%" if s["mfu"] is not None else "      -"
         print(f"{impl:13s} {s['audio_s_per_s_per_device']:14.3f} {s['model_tflops_per_s_per_device']:12.4f} {mfu}")
+    for impl, why in summary["failed"].items():
+        print(f"{impl:13s} FAILED: {why}")
     for name, value in summary["ratios"].items():
         print(f"ratio {name} = {value:.3f} (wall clock; by process CPU time: "
               f"{summary['cpu_time_ratios'][name]:.3f})")
-    print(f"model FLOPs: {summary['model_gflops_per_audio_s']:.2f} GFLOP per audio-second (training, this crop "
-          f"and mask) | load average {summary['load_before'][0]:.2f} -> {summary['load_after'][0]:.2f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
-    return 0
+    ours = summary["impls"].get("ours")
+    if ours is None:
+        why = summary["failed"].get("ours", "not run")
+        print(f"MFU: not measured: ours gave no result ({why})")
+    elif ours["mfu"] is None:
+        print(f"MFU: n/a on {summary['device']} (no dense bf16 peak known; pass --peak-tflops on a GPU); ours "
+              f"{ours['model_tflops_per_s_per_device']:.4f} model TFLOP/s per device")
+    else:
+        print(f"MFU: ours {100 * ours['mfu']:.1f}% of {summary['peak_bf16_tflops']:g} TFLOP/s dense bf16 "
+              f"({ours['model_tflops_per_s_per_device']:.1f} model TFLOP/s per device, {summary['device']})")
+    if summary.get("repeats_cut_by_deadline"):
+        print(f"note: {summary['repeats_cut_by_deadline']} measurement(s) not started: the --deadline was near")
+    if "model_gflops_per_audio_s" in summary:
+        print(f"model FLOPs: {summary['model_gflops_per_audio_s']:.2f} GFLOP per audio-second (training, this "
+              f"crop and mask) | load average {summary['load_before'][0]:.2f} -> {summary['load_after'][0]:.2f}")
 
 
 if __name__ == "__main__":

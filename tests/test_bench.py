@@ -1,18 +1,24 @@
-"""bench/train_throughput.py runs a tiny config end to end and prints ratios; bench/gpu_check.sh's CPU dry path
-works (its GPU path needs a GPU: docs/performance.md says how it is run)."""
+"""bench/train_throughput.py runs a tiny config end to end and prints ratios, and isolates a failing or hung
+implementation (the summary and the MFU line still print); gpu_checks' fp16 check catches a loss that is never
+scaled; the offline wheel list covers what the stages import; bench/gpu_check.sh's CPU dry path works (its GPU
+path needs a GPU: docs/performance.md says how it is run)."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
+from tests.dist import run_ranks
 from tests.fixtures import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
+import gpu_checks  # noqa: E402
 import train_throughput as bench  # noqa: E402
 
 pytest.importorskip("transformers")
@@ -78,6 +84,163 @@ def test_gpu_check_dry_path(tmp_path):
     text = result.read_text()
     assert proc.returncode == 0, text[-6000:]
     for expected in ("== install", "gpu_vs_cpu   PASS", "bf16         PASS", "train_steps  PASS",
-                     "sdpa_flash   SKIP", "TP=2: skipped: it needs 2 GPUs", "ratio ours/transformers = ",
-                     "== checks.json", "== bench.json", "[CPU dry run: no GPU figures]"):
+                     "fp16_scale   PASS", "sdpa_flash   SKIP", "TP=2: skipped: it needs 2 GPUs",
+                     "ratio ours/transformers = ", "== checks.json", "== te.json", "== bench.json",
+                     "== Transformer Engine (cpu): ok", "SKIPPED: Transformer Engine not importable here (",
+                     "== figures", "MFU: ours n/a", "fp16: PASS | grad norm fp16/fp32 = ", "loss scale 65536 -> 65536",
+                     "[CPU dry run: no GPU figures]"):
         assert expected in text, expected
+
+
+# ---- isolation of the implementations ---------------------------------------------------------------------
+
+def _fake_result(impl: str, rate: float) -> dict:
+    return {"impl": impl, "audio_s_per_s": rate, "step_s": 2.0 / rate, "cpu_step_s": 2.0 / rate, "steps": 2,
+            "audio_seconds_per_step": 2.0, "model_flops_per_step": 2.0 * 1e9, "loss": 1.0, "peak_memory_gib": 3.0,
+            "batch_size": 2, "frames": 48, "threads": 1}
+
+
+def _tiny_args(tmp_path, *extra: str) -> list[str]:
+    return ["--config", str(ROOT / "configs/tiny.yaml"), "--device", "cpu", "--impls", "ours,transformers",
+            "--repeats", "2", "--json", str(tmp_path / "bench.json"), *extra]
+
+
+def test_a_failing_peer_still_gives_the_summary_and_the_mfu_line(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def run_worker(args, impl, timeout=None):
+        calls.append(impl)
+        if impl == "transformers":
+            raise bench.WorkerFailed(impl, "exit 1: ImportError: cannot import name 'Wav2Vec2ForPreTraining'")
+        return _fake_result(impl, 10.0)
+
+    monkeypatch.setattr(bench, "run_worker", run_worker)
+    assert bench.main(_tiny_args(tmp_path, "--peak-tflops", "1")) == 1  # something failed: exit 1
+    out = capsys.readouterr().out
+    assert calls.count("transformers") == 1 and calls.count("ours") == 2  # not retried; ours kept measuring
+    assert re.search(r"^transformers +FAILED: repeat 1: exit 1: ImportError", out, re.M), out
+    assert re.search(r"^ours +10\.000 ", out, re.M), out
+    # 10 audio-s/s x 1 GFLOP per audio-second = 10 GFLOP/s of a 1 TFLOP/s peak
+    assert "MFU: ours 1.0% of 1 TFLOP/s dense bf16" in out, out
+    summary = json.loads((tmp_path / "bench.json").read_text())
+    assert set(summary["impls"]) == {"ours"} and summary["ratios"] == {}
+    assert summary["failed"] == {"transformers": "repeat 1: exit 1: ImportError: cannot import name "
+                                                 "'Wav2Vec2ForPreTraining'"}
+
+
+def test_ours_failing_says_the_mfu_was_not_measured(tmp_path, monkeypatch, capsys):
+    def run_worker(args, impl, timeout=None):
+        if impl == "ours":
+            raise bench.WorkerFailed(impl, "timed out after 150 s (killed)")
+        return _fake_result(impl, 4.0)
+
+    monkeypatch.setattr(bench, "run_worker", run_worker)
+    assert bench.main(_tiny_args(tmp_path)) == 1
+    out = capsys.readouterr().out
+    assert "MFU: not measured: ours gave no result (repeat 1: timed out after 150 s (killed))" in out
+    assert re.search(r"^transformers +4\.000 ", out, re.M), out
+
+
+def test_a_hung_worker_is_killed_at_the_deadline_and_reported(tmp_path):
+    # real processes: a 1 s budget cannot even import torch; both are reported, the summary still prints
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/train_throughput.py"),
+                           *_tiny_args(tmp_path, "--repeats", "1", "--worker-timeout", "1")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
+    assert re.search(r"^ours +FAILED: repeat 1: timed out after 1 s \(killed\)", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^transformers +FAILED: repeat 1: timed out after 1 s", proc.stdout, re.M), proc.stdout
+    assert "MFU: not measured: ours gave no result" in proc.stdout
+    assert json.loads((tmp_path / "bench.json").read_text())["impls"] == {}
+
+
+def test_figures_say_what_is_missing(tmp_path):
+    (tmp_path / "te.json").write_text(json.dumps({"te": {"status": "SKIP", "why": "SKIPPED: Transformer Engine "
+                                                                                  "not importable here (x)"}}))
+    lines = gpu_checks.figures(str(tmp_path))
+    assert "MFU: no benchmark result (bench.json: FileNotFoundError)" in lines
+    assert "TE: SKIPPED: Transformer Engine not importable here (x)" in lines
+    assert any(line.startswith("fp16: no result (checks.json") for line in lines)
+
+
+# ---- the fp16 check ----------------------------------------------------------------------------------------
+
+def _fp16_check(rank: int, world: int, path: str, unscaled: bool) -> dict:
+    import torch
+
+    from megatron_speech.parallel.initialize import destroy_parallel, initialize_parallel
+    from megatron_speech.training import optim
+
+    if unscaled:  # the bug of issue 13: the loss never multiplied by the scale, the gradients still divided
+        build = optim.build_optimizer
+
+        def build_optimizer(model, *args, **kwargs):
+            optimizer = build(model, *args, **kwargs)
+            model.config.grad_scale_func = None
+            return optimizer
+
+        optim.build_optimizer = build_optimizer
+    gpu_checks.reference(path)
+    ref = torch.load(path, weights_only=True)
+    initialize_parallel(1, gpu_checks.SEED)
+    try:
+        return gpu_checks.check_fp16_scale("cpu", ref)
+    finally:
+        destroy_parallel()
+
+
+@pytest.mark.parametrize("unscaled", [False, True], ids=["scaled", "unscaled_loss"])
+def test_fp16_check_passes_only_when_the_loss_is_scaled(tmp_path, unscaled):
+    (result,) = run_ranks(_fp16_check, 1, str(tmp_path / "ref.pt"), unscaled, timeout=300)
+    assert result["fp16"]["loss_scale_before"] == 65536.0 and result["fp16"]["updated"]
+    if unscaled:
+        assert result["status"] == "FAIL", result
+        assert result["grad_norm_ratio_fp16_fp32"] < 1e-3  # 1/65536 of the fp32 norm
+    else:
+        assert result["status"] == "PASS", result
+        assert result["grad_norm_ratio_fp16_fp32"] == pytest.approx(1.0, abs=0.02)
+        assert result["loss_scale"] == 65536.0
+
+
+# ---- the offline wheels ------------------------------------------------------------------------------------
+
+# import name -> the wheel (bench/wheels.txt) that provides it
+DISTRIBUTIONS = {"megatron": "megatron-core", "yaml": "pyyaml", "numpy": "numpy", "soundfile": "soundfile",
+                 "soxr": "soxr", "psutil": "psutil", "packaging": "packaging", "transformers": "transformers",
+                 "safetensors": "safetensors", "tqdm": "tqdm"}
+# present on the GPU machine (torch and its own dependencies), optional at run time (never imported by the
+# stages unless configured so), or the project itself
+NOT_WHEELS = {"torch", "megatron_speech", "tests", "train_throughput", "gpu_checks", "fixtures",
+              "fairseq", "transformer_engine", "wandb", "matplotlib", "apex"}
+
+
+def _top_level_imports(paths) -> set[str]:
+    names = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names)
+
+
+def test_wheel_list_covers_what_the_gpu_check_imports():
+    pins = {}
+    for line in (ROOT / "bench/wheels.txt").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, _, version = line.strip().partition("==")
+            assert version, f"bench/wheels.txt: {line!r} is not pinned (the GPU machine has no index)"
+            pins[name.lower()] = version
+    used = _top_level_imports([*(ROOT / "megatron_speech").rglob("*.py"), *(ROOT / "bench").glob("*.py"),
+                               ROOT / "tests/fixtures.py"])
+    unknown = used - set(DISTRIBUTIONS) - NOT_WHEELS
+    assert not unknown, f"new third-party imports: add their wheels to bench/wheels.txt and here: {unknown}"
+    missing = {DISTRIBUTIONS[m] for m in used & set(DISTRIBUTIONS)} - set(pins)
+    assert not missing, f"bench/wheels.txt lacks {missing}"
+    # what soundfile needs at import: cffi (ABI mode), which parses the declarations with pycparser
+    assert {"soundfile", "cffi", "pycparser", "soxr"} <= set(pins)
+    # every wheel the script installs is named in its module list, and the other way round
+    script = (ROOT / "bench/gpu_check.sh").read_text()
+    modules = " ".join(re.findall(r'^(?:CORE|HF)="([^"]*)"', script, re.M | re.S))
+    listed = {entry.split("=")[0] for entry in modules.split()}
+    assert listed == set(pins), (listed ^ set(pins))
