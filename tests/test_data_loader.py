@@ -10,8 +10,12 @@ import dataclasses
 import itertools
 import json
 import os
+import signal
+import threading
+import time
 
 import numpy as np
+import psutil
 import pytest
 import soundfile
 import torch
@@ -20,6 +24,7 @@ from megatron_speech.config import DataConfig
 from megatron_speech.data.augment import Augmenter, list_noise_files
 from megatron_speech.data.crop import crop_num_frames, crop_num_samples
 from megatron_speech.data.dataset import AudioShards
+from megatron_speech.data import loader as loader_module
 from megatron_speech.data.loader import (
     build_eval_loader,
     build_pretrain_loader,
@@ -367,6 +372,69 @@ def test_workers_give_the_same_batches_as_in_process(corpus):
         assert_same(in_process, take(loader, 5))
     finally:
         loader.close()
+
+
+def _spawned_children() -> list[psutil.Process]:
+    """This process's spawned multiprocessing children (DataLoader workers; not the resource tracker)."""
+    out = []
+    for child in psutil.Process().children():
+        try:
+            if "spawn_main" in " ".join(child.cmdline()):
+                out.append(child)
+        except psutil.Error:
+            pass
+    return out
+
+
+def test_workers_survive_slurm_signals(corpus):
+    """Slurm sends USR1 (time-limit warning) and TERM (preemption) to every process of the step: the workers must
+    keep serving batches while the training process finishes its step and saves. Signalled without pause from
+    the moment they are spawned (while they still import torch, before any worker_init_fn) until the end."""
+    cfg = data_cfg(corpus, speed_perturb=[0.9, 1.1], noise_dir=corpus["noise_dir"], noise_prob=0.5)
+    common = dict(dp_rank=0, dp_size=1, num_micro_batches=2, tp_size=1, seed=5)
+    in_process = take(build_pretrain_loader(cfg, MODEL, **common), 4)
+    loader = build_pretrain_loader(dataclasses.replace(cfg, num_workers=2), MODEL, **common)
+    done, signalled = threading.Event(), set()
+
+    def pester():
+        while not done.is_set():
+            for child in _spawned_children():
+                for sig in (signal.SIGUSR1, signal.SIGTERM):
+                    try:
+                        child.send_signal(sig)
+                        signalled.add(child.pid)
+                    except psutil.Error:
+                        pass
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=pester, daemon=True)
+    thread.start()
+    try:
+        got = take(loader, 4)
+        workers = {w.pid for w in loader._it._workers}
+        assert workers <= signalled and all(w.is_alive() for w in loader._it._workers)
+    finally:
+        done.set()
+        thread.join()
+        loader.close()
+    assert_same(in_process, got)
+    # the loader still ends its workers (cooperatively: they ignore TERM)
+    deadline = time.monotonic() + 30
+    while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in workers):
+        assert time.monotonic() < deadline, "workers still alive 30 s after close()"
+        time.sleep(0.1)
+
+
+def test_a_bad_noise_dir_fails_before_the_manifests_load(corpus, tmp_path, monkeypatch):
+    """configs/xl.yaml ships a placeholder data.noise_dir: it must fail in seconds, not after the manifest load."""
+    def no_load(*args, **kwargs):
+        raise AssertionError("the manifests were loaded before data.noise_dir was checked")
+
+    monkeypatch.setattr(loader_module, "AudioShards", no_load)
+    with pytest.raises(FileNotFoundError, match=r"data.noise_dir='.*/musan' has no noise/ folder"):
+        build_pretrain_loader(data_cfg(corpus, noise_dir=str(tmp_path / "musan")), MODEL, 0, 1, 1, 1, seed=0)
+    loader_module.check_noise_dir(data_cfg(corpus, noise_dir=corpus["noise_dir"]))  # a good one passes
+    loader_module.check_noise_dir(data_cfg(corpus, noise_dir=""))  # off
 
 
 def test_eval_loader_is_deterministic_and_unaugmented(corpus):

@@ -327,6 +327,41 @@ def _same(a, b) -> bool:
 # ------------------------------------------------------------------------------------------ 3. damaged latest
 
 
+_SAVE_UNDER_SIGNALS = """
+import os, signal, sys, time
+from types import SimpleNamespace
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron_speech.training.driver import SavePolicy
+
+def write(step):
+    # What megatron's writer does at a process's first save: spawn its results-queue Manager process.
+    filesystem_async._get_write_results_queue()
+    os.kill(os.getpid(), signal.SIGUSR1)  # Slurm's warning lands in the middle of the save
+
+train = SimpleNamespace(exit_on_signal=True, save_dir=sys.argv[1], save_interval=1, on_save_error="stop")
+policy = SavePolicy(train, SimpleNamespace(alarm=lambda *a: None), write)
+assert policy.save(1)
+assert policy.stop._flag and policy.stop.signal_name == "SIGUSR1", "the signal during the save was lost"
+manager = filesystem_async._results_queue._manager._process
+for sig in (signal.SIGUSR1, signal.SIGTERM):  # Slurm signals every process of the step
+    os.kill(manager.pid, sig)
+time.sleep(1)
+assert manager.is_alive(), f"the writer's Manager died: exit code {manager.exitcode}"
+filesystem_async._results_queue.put("written")  # the next save still reaches it
+assert filesystem_async._results_queue.get() == "written"
+print("ok")
+"""
+
+
+def test_the_checkpoint_writer_survives_slurm_signals(tmp_path):
+    """megatron's writer spawns a Manager process at the first save; Slurm's USR1/TERM reach it too. Started
+    inside SavePolicy.save it must survive them (else the save at the signal fails: exit 1, no requeue), and a
+    signal to the training process during the save must still be seen after it."""
+    out = subprocess.run([sys.executable, "-c", _SAVE_UNDER_SIGNALS, str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout[-2000:] + out.stderr[-3000:]
+
+
 def test_resume_falls_back_past_a_damaged_latest_checkpoint(tmp_path, shards, straight_run):
     run = tmp_path / "damaged"
     shutil.copytree(straight_run, run)

@@ -17,6 +17,10 @@ of utterance b use masker.counter_rng(seed, step, micro_step, dp_rank, stream=2 
 negatives stream 0, the channel mask stream 1. Workers hold no state, so any number of them (0 = in process)
 yields the same batches, and a resume from state_dict() yields bit-identically the batches an uninterrupted run
 would have. Workers are spawned, never forked (the parent may hold CUDA or process groups).
+
+Signals: Slurm sends SIGUSR1 (the time-limit warning) and SIGTERM (preemption) to every process of the step, workers
+included. Workers start with both blocked and then ignore them (training/signals.py), so the training process
+can finish its step and save while they keep serving batches; it ends them itself when it releases the iterator.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from megatron_speech.data.dataset import AudioShards
 from megatron_speech.data.sampler import DynamicBatchSampler, Position, Slot
 from megatron_speech.models.wav2vec2.config import SAMPLE_RATE, Wav2Vec2Config
 from megatron_speech.models.wav2vec2.masker import compute_span_mask, counter_rng, sample_negatives
+from megatron_speech.training.signals import ignore_stop_signals, stop_signals_blocked
 
 logger = logging.getLogger(__name__)
 
@@ -205,13 +210,23 @@ def _data_loader(builder: MicroBatchBuilder, stream: torch.utils.data.Sampler, n
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
         # spawn: workers share nothing with a parent that may hold CUDA contexts, process groups or threads.
-        kwargs = {"multiprocessing_context": "spawn", "prefetch_factor": max(2, math.ceil(prefetch / num_workers))}
+        # ignore_stop_signals: a worker killed by Slurm's USR1/TERM would make torch raise in the training process
+        # before it could save (the iterator must also be created under stop_signals_blocked: see _start).
+        kwargs = {"multiprocessing_context": "spawn", "prefetch_factor": max(2, math.ceil(prefetch / num_workers)),
+                  "worker_init_fn": ignore_stop_signals}
     # A private generator: iterating a DataLoader draws its workers' base seed from the generator it is given,
     # by default torch's global one, which dropout on the training side also draws from. A resumed run creates
     # its iterator at another step than the uninterrupted run, so that draw would shift every later dropout
     # mask. Our workers take all randomness from counter_rng, so the base seed is irrelevant to the batches.
     return DataLoader(builder, batch_size=None, sampler=stream, num_workers=num_workers, collate_fn=_identity,
                       generator=torch.Generator(), **kwargs)
+
+
+def _start(loader: DataLoader) -> Iterator[dict[str, Any]]:
+    """iter(loader), its workers spawned with SIGUSR1/SIGTERM blocked: a worker takes seconds to import torch and
+    reach worker_init_fn, and a signal in that window would kill it (the block is inherited across exec)."""
+    with stop_signals_blocked():
+        return iter(loader)
 
 
 class PretrainLoader:
@@ -240,7 +255,7 @@ class PretrainLoader:
     def __next__(self) -> list[dict[str, Any]]:
         if self._it is None:
             stream = _SlotStream(self.sampler, self.sampler.position)
-            self._it = iter(_data_loader(self.builder, stream, self.num_workers, 2 * self.num_micro_batches))
+            self._it = _start(_data_loader(self.builder, stream, self.num_workers, 2 * self.num_micro_batches))
         batches = [next(self._it) for _ in range(self.num_micro_batches)]
         for m, batch in enumerate(batches):
             assert (batch["step"], batch["micro_step"]) == (self.step, m), (batch["step"], batch["micro_step"])
@@ -279,7 +294,7 @@ class EvalLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         loader = _data_loader(self.builder, _EvalStream(self.batches, self.dp_rank, self.dp_size),
                               self.num_workers, 2)
-        for batch in loader:
+        for batch in _start(loader):
             batch.pop("_after")
             yield _as_tensors(batch, self.pin_memory)
 
@@ -323,6 +338,14 @@ def _mixing_groups(shards: AudioShards, data_cfg: Any) -> tuple[np.ndarray, list
     return remap[groups], [group_names[i] for i in used], None
 
 
+def check_noise_dir(data_cfg: Any) -> None:
+    """Raise (FileNotFoundError / ValueError naming data.noise_dir and the missing folder) unless data.noise_dir is
+    off ("") or holds audio for every kind of data.noise_types. Cheap: call it before loading manifests, so a
+    placeholder path (configs/xl.yaml) fails in seconds, not after the data load."""
+    if data_cfg.noise_dir:
+        list_noise_files(data_cfg.noise_dir, data_cfg.noise_types)
+
+
 def build_augmenter(data_cfg: Any, train: bool = True) -> Augmenter:
     """The Augmenter of data_cfg; train=False keeps only the normalization (evaluation: no augmentation)."""
     eps = data_cfg.normalize_eps if data_cfg.normalize else None
@@ -345,6 +368,8 @@ def build_pretrain_loader(data_cfg: Any, model_cfg: Wav2Vec2Config, dp_rank: int
     start_state: a previous loader.state_dict() to resume from; augment=False turns off speed and noise
     (normalization stays as configured).
     """
+    if augment:
+        check_noise_dir(data_cfg)  # before the manifests: they take minutes to load at scale
     masking = masking_spec(model_cfg)
     max_samples = round(data_cfg.max_sample_seconds * SAMPLE_RATE)
     shards = AudioShards(data_cfg.prefix, "train", min_utterance_samples(data_cfg, masking, tp_size),

@@ -20,6 +20,7 @@ from megatron_speech.training.signals import (
     EXIT_PREEMPTED,
     EXIT_SAVE_FAILED,
     StopSignal,
+    stop_signals_blocked,
 )
 
 logger = logging.getLogger("megatron_speech")
@@ -65,7 +66,10 @@ class SavePolicy:
     def save(self, step: int) -> bool:
         """Save at `step`; False (after an alarm) when the save failed on some rank."""
         try:
-            self._write(step)
+            # Blocked while writing: megatron's writer Manager (spawned by the first save) and its per-save writer
+            # processes inherit the block and outlive Slurm's USR1/TERM; a signal that lands now is handled after.
+            with stop_signals_blocked():
+                self._write(step)
         except SaveError as e:
             self.monitor.alarm(step, f"checkpoint save failed: {e}")
             return False

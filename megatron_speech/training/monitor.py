@@ -41,9 +41,14 @@ class Monitor:
                 import wandb
 
                 from megatron_speech.config import config_to_dict
+                from megatron_speech.training.signals import stop_signals_blocked
 
-                self._wandb = wandb.init(project=cfg.logging.wandb_project, name=cfg.logging.wandb_run_name or None,
-                                         dir=t.save_dir, config=config_to_dict(cfg), resume="allow")
+                # wandb.init starts its service process: blocked, Slurm's USR1/TERM to the whole step leave it alive
+                # until this process has saved and finished the run.
+                with stop_signals_blocked():
+                    self._wandb = wandb.init(project=cfg.logging.wandb_project,
+                                             name=cfg.logging.wandb_run_name or None, dir=t.save_dir,
+                                             config=config_to_dict(cfg), resume="allow")
 
     # ---- logging -----------------------------------------------------------------------------------------
 

@@ -1,16 +1,25 @@
 """Stop requests (SIGUSR1 / SIGTERM from Slurm or a user) turned into a decision every rank takes at the same
 step: the local flag is all-reduced (MAX), so no rank saves at a different step or waits in a collective alone.
 
-Exit codes, read by launch/*.sbatch:"""
+Slurm signals every process of a job step, not only the training process (DESIGN §9): DataLoader workers,
+megatron's checkpoint-writer Manager (spawned at the first save) and wandb's service would die of USR1/TERM, and
+the save at the signal with them. Helpers therefore start with the stop signals blocked (`stop_signals_blocked`
+around their creation: a signal mask is inherited by fork and kept across exec) and DataLoader workers also
+ignore them (`ignore_stop_signals`); only the training process acts on them.
+
+Exit codes, read by launch/*.sbatch (which also maps a rank killed by a signal, e.g. NCCL's watchdog SIGABRT =
+srun exit 134, to the bounded requeue of EXIT_PEER_FAILED: launch/common.sh):"""
 
 from __future__ import annotations
 
+import contextlib
 import signal
+from multiprocessing import resource_tracker
+import threading
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
-
-from megatron_speech.parallel.initialize import compute_device
 
 EXIT_DONE = 0
 """max_steps reached, or early-stopped: do not requeue."""
@@ -25,6 +34,37 @@ EXIT_SAVE_FAILED = 5
 """A checkpoint save failed (disk full, unwritable; train.on_save_error=stop, or the save at a signal or at the
 end). `latest` still names the previous complete checkpoint. Free space, then restart."""
 
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+"""Slurm's warning signal (--signal=USR1@N) and preemption / scancel / time limit."""
+
+
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Block SIGUSR1/SIGTERM in the calling thread for the duration: processes started inside (spawned or forked,
+    even across exec) inherit the block and survive the signals Slurm sends to every process of the step. In this
+    process a signal that arrives meanwhile stays pending and reaches its handler when the block is lifted (other
+    threads may take it earlier; StopSignal's handler only sets a flag). A no-op outside the main thread, where
+    Python cannot run signal handlers anyway."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        # The first spawn starts multiprocessing's resource tracker, which then *unblocks* SIGTERM (SIG_UNBLOCK, not
+        # a restore): start it here, under the block (so it too outlives USR1), and block again.
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def ignore_stop_signals(*_) -> None:
+    """For helper processes (a DataLoader worker_init_fn): ignore SIGUSR1/SIGTERM; the training process decides
+    when to stop and then ends its helpers itself."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
 
 class StopSignal:
     """Installs handlers for SIGUSR1 and SIGTERM that only set a flag; `requested()` is a collective."""
@@ -33,7 +73,7 @@ class StopSignal:
         self._flag = False
         self.signal_name: str | None = None
         if enabled:
-            for sig in (signal.SIGUSR1, signal.SIGTERM):
+            for sig in STOP_SIGNALS:
                 signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
@@ -41,6 +81,8 @@ class StopSignal:
         self.signal_name = signal.Signals(signum).name
 
     def requested(self) -> bool:
+        from megatron_speech.parallel.initialize import compute_device  # here: DataLoader workers import this module
+
         flag = torch.tensor(1 if self._flag else 0, dtype=torch.int32, device=compute_device())  # NCCL: on the GPU
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
