@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output directory (its corpus parts are rebuilt)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every count; 1.0 is about 2 hours")
-    parser.add_argument("--seed", type=int, default=0, help="fixes every random choice (same seed, same bytes)")
+    parser.add_argument("--seed", type=int, default=0, help="fixes every random choice (same seed, same corpus)")
     parser.add_argument("--workers", type=int, default=2, help="synthesis processes")
     args = parser.parse_args(argv)
     try:

@@ -14,7 +14,10 @@ Layout under the output directory (every manifest "path" is relative to the dire
 Sample rates, formats and channel counts are mixed on purpose (22.05 kHz espeak-ng, 16 kHz flite, 8 kHz
 Asterisk, some resampled to 44.1/48 kHz, some flac/ogg/mp3, some stereo) so the preprocessing path is exercised.
 Everything is deterministic for a seed: all random choices are made in the parent while planning, and each job
-carries its own noise seed, so the output does not depend on the number of worker processes.
+carries its own noise seed, so the output does not depend on the number of worker processes. What this code writes
+(manifests, README, wav/flac, MUSAN) is byte-identical; the ogg and mp3 files come from third-party lossy
+encoders (libvorbis through `sox -R`, LAME through libsndfile) fed byte-identical PCM, which decode to the same
+audio but whose bytes are not promised (tests/test_demo_corpus.py checks exactly that).
 """
 
 from __future__ import annotations
@@ -631,7 +634,9 @@ def build_demo_corpus(out_dir: str | os.PathLike, scale: float = 1.0, seed: int 
     """Build the demo corpus under out_dir (layout in the module docstring); returns summarize()'s entries.
 
     scale multiplies every count (1.0: about 2 hours of audio); seed fixes every random choice, so the same
-    (scale, seed, installed packages) gives byte-identical files whatever num_workers is. Raises
+    (scale, seed, installed packages) gives the same corpus whatever num_workers is: byte-identical manifests,
+    README, wav/flac and MUSAN files, and ogg/mp3 files encoded from byte-identical PCM (the lossy encoders'
+    bytes are theirs: equal decoded audio is what is promised). Raises
     MissingToolsError when espeak-ng, flite or sox is missing; optional Asterisk packages are skipped with a notice.
     """
     start = time.monotonic()
@@ -718,7 +723,8 @@ def _readme(summary: list[dict], scale: float, seed: int, asterisk: dict, has_mo
     return f"""# megatron-speech demo corpus
 
 Built offline by `python tools/make_demo_corpus.py --out DIR --scale {scale} --seed {seed}`
-(`megatron_speech/data/demo_corpus.py`). The same scale, seed and installed packages give byte-identical files.
+(`megatron_speech/data/demo_corpus.py`). The same scale, seed and installed packages give byte-identical
+manifests and wav/flac files; ogg/mp3 files are encoded from byte-identical audio and decode to the same audio.
 Total: {sum(s['files'] for s in summary)} files, {total_h:.2f} hours.
 
 Debian packages used: {_package_versions(["espeak-ng", "flite", "sox", *ASTERISK_PACKAGES.split(),
