@@ -1,10 +1,25 @@
 """Checkpoints with megatron-core dist_checkpointing: sharded, and loadable at another TP/DP layout.
 
-<save_dir>/iter_0001000/   model, optimizer (fully_reshardable), EMA, per-rank RNG states (sharded), plus the
-                           common state (scheduler, trainer state: step, sampler position, config) saved by rank 0
+<save_dir>/iter_0001000/   model, optimizer, EMA, per-rank RNG states (sharded), plus the common state
+                           (scheduler, trainer state: step, sampler position, config) saved by rank 0
 <save_dir>/iter_0001000/manifest.json   every file's size and SHA-256 (integrity.py), written before `latest` moves
 <save_dir>/latest          the step of the newest *complete* checkpoint, replaced atomically (temp + rename)
                            only after every rank finished writing: a crash mid-save leaves the previous one.
+
+Parallel I/O. Every save and load goes through megatron-core's fully parallel strategy wrappers over the DP
+group: the tensors replicated over DP (model, EMA) are split between the DP ranks for writing, and on load each
+rank reads a share and the ranks exchange the rest, instead of DP rank 0 writing them alone and every rank
+reading everything. The distributed optimizer's state is saved `dp_reshardable` (each DP rank writes its own
+shard as it holds it: no all-gather); such a checkpoint loads at any DP size but only at the TP size that wrote
+it. `save_checkpoint(..., reshardable=True)` writes `fully_reshardable` instead (megatron all-gathers the whole
+optimizer state onto every rank once): that checkpoint loads at any TP/DP layout. The sharding type is recorded
+in the checkpoint's content metadata and the load follows it.
+
+Transformer Engine. TE's modules add `_extra_state` objects (FP8 scaling metadata) to the sharded state dict that
+the local spec does not have (e.g. `...core_attention._extra_state`). Loading one spec's checkpoint into the
+other handles them on purpose: an `_extra_state` the checkpoint lacks keeps the module's fresh state (logged),
+one the model does not ask for is ignored; any other key the checkpoint lacks is an error naming it, before
+anything is read.
 
 A save that fails (disk full, unwritable) raises SaveError on every rank at the same point, removes its partial
 directory and leaves `latest` alone. Loading verifies the manifest and refuses pickles that would run code
@@ -29,7 +44,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from megatron.core.dist_checkpointing.dict_utils import extract_matching_values, nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedBase, ShardedObject, ShardedTensor
+from megatron.core.dist_checkpointing.serialization import (
+    get_default_load_sharded_strategy,
+    get_default_save_sharded_strategy,
+    load_sharded_metadata,
+)
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+    FullyParallelLoadStrategyWrapper,
+    FullyParallelSaveStrategyWrapper,
+)
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -39,7 +64,13 @@ from megatron_speech.training.optim import unshare_adam_steps
 
 logger = logging.getLogger("megatron_speech")
 
-OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+ROUTINE_SHARDING = "dp_reshardable"
+"""Distributed-optimizer state of a routine save: every DP rank writes the shard it holds (no communication);
+reloads at any DP size, at the same TP size."""
+RESHARDABLE_SHARDING = "fully_reshardable"
+"""save_checkpoint(reshardable=True): gathered into parameter-shaped tensors; reloads at any TP/DP layout."""
+SHARDING_KEY = "distrib_optim_sharding_type"
+EXTRA_STATE = "_extra_state"
 LATEST = "latest"
 
 
@@ -101,11 +132,12 @@ def _rng_entry() -> ShardedObject:
     return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
 
 
-def _state(model, optimizer, ema, *, is_loading: bool, with_rng: bool) -> dict[str, Any]:
+def _state(model, optimizer, ema, *, is_loading: bool, with_rng: bool, sharding: str) -> dict[str, Any]:
     model_sd = _unwrap(model).sharded_state_dict()
     state: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIM_METADATA)
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                          metadata={SHARDING_KEY: sharding})
     if ema is not None and ema.enabled:
         state["ema"] = _ema_entries(model_sd, ema)
     if with_rng:
@@ -113,10 +145,27 @@ def _state(model, optimizer, ema, *, is_loading: bool, with_rng: bool) -> dict[s
     return state
 
 
+def _dp_group():
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
+def _save_strategy():
+    # megatron's fully parallel wrapper (as Megatron-LM's --ckpt-fully-parallel-save): the DP replicas of a
+    # tensor share its writing instead of DP rank 0 writing every replicated tensor alone.
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), _dp_group())
+
+
+def _load_strategy(path: Path):
+    # Each DP rank reads a share of what the group needs and the ranks exchange the rest.
+    return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(path)), _dp_group())
+
+
 def save_checkpoint(save_dir: str | Path, step: int, model, optimizer, scheduler, ema, trainer_state: dict,
-                    keep_last: int = 0) -> Path:
+                    keep_last: int = 0, *, reshardable: bool = False) -> Path:
     """Collective: every rank calls it. optimizer / scheduler / ema may be None (a weights-only checkpoint).
-    Returns the checkpoint directory."""
+    reshardable=True stores the distributed optimizer's state so that it reloads at another TP size too (costs
+    an all-gather of the whole optimizer state onto every rank); routine saves leave it False (any DP size, the
+    same TP size). Returns the checkpoint directory."""
     path = checkpoint_dir(save_dir, step)
 
     def fresh_dir():
@@ -125,11 +174,13 @@ def save_checkpoint(save_dir: str | Path, step: int, model, optimizer, scheduler
         path.mkdir(parents=True)
 
     _on_rank0_then_agree(fresh_dir, f"creating {path}", path)
-    state = _state(model, optimizer, ema, is_loading=False, with_rng=True)
+    sharding = RESHARDABLE_SHARDING if reshardable else ROUTINE_SHARDING
+    state = _state(model, optimizer, ema, is_loading=False, with_rng=True, sharding=sharding)
     state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     state["trainer"] = dict(trainer_state, step=step, layout=_layout(), optimizer_format=_optimizer_format(optimizer))
     try:
-        dist_checkpointing.save(state, str(path))
+        dist_checkpointing.save(state, str(path), sharded_strategy=_save_strategy(),
+                                content_metadata={SHARDING_KEY: sharding})
     except CheckpointException as e:  # megatron gathers every rank's write results and raises this on all of them
         _discard(path)
         raise SaveError(f"writing {path} failed: {_write_failures(e)}; {_kept(save_dir)}") from None
@@ -220,11 +271,18 @@ def _write_failures(e: CheckpointException) -> str:
     return "; ".join(parts)
 
 
+# The checkpoint resume_step has just verified, so that the load that follows does not read it all again. Only
+# the path: every rank records the same one (the decision is collective), so every rank skips the same check.
+_verified_by_resume: str | None = None
+
+
 def resume_step(save_dir: str | Path) -> int | None:
     """The step to resume from: `latest`, or, when that checkpoint fails verification (damaged, incomplete,
     unsafe), the newest older one that passes (each one skipped is logged). None when there is no `latest`.
     Collective (or a single process). Raises CheckpointIntegrityError when no checkpoint at or before `latest`
-    verifies."""
+    verifies. The next load_checkpoint of the step returned does not verify it again."""
+    global _verified_by_resume
+    _verified_by_resume = None
     latest = latest_step(save_dir)
     if latest is None:
         return None
@@ -238,6 +296,7 @@ def resume_step(save_dir: str | Path) -> int | None:
             if refused and _is_rank0():
                 logger.warning("falling back to %s: the newer checkpoint(s) failed verification",
                                checkpoint_dir(save_dir, step))
+            _verified_by_resume = str(checkpoint_dir(save_dir, step).resolve())
             return step
         refused.append(f"{checkpoint_dir(save_dir, step).name}: {'; '.join(problems)}")
         if _is_rank0():
@@ -251,13 +310,18 @@ def resume_step(save_dir: str | Path) -> int | None:
 def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, ema=None) -> dict:
     """Collective. Loads everything given (None = skip) at the current layout, resharding as needed. A full
     resume (optimizer given) also restores every rank's RNG states when the layout is the one that saved them.
-    Returns the trainer state."""
+    TE `_extra_state` entries the checkpoint lacks keep the module's own (see the module docstring); any other
+    key it lacks is a ValueError naming it. Returns the trainer state."""
+    global _verified_by_resume
     path = Path(path)
     if not (path / "metadata.json").exists():
         raise ValueError(f"{path} is not a complete dist_checkpointing checkpoint (no metadata.json)")
-    integrity.check_checkpoint(path)  # sizes, checksums, no code in pickles: before torch reads a byte
+    if _verified_by_resume != str(path.resolve()):
+        integrity.check_checkpoint(path)  # sizes, checksums, no code in pickles: before torch reads a byte
+    _verified_by_resume = None  # one skip per resume_step: a later load of the same path verifies again
     common = dist_checkpointing.load_common_state_dict(str(path))
     restore_rng = optimizer is not None and common["trainer"]["layout"] == _layout()
+    saved_keys = {sh.key for sh in load_sharded_metadata(str(path)).values()}
     model_sd = _unwrap(model).sharded_state_dict()
     template: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
@@ -269,16 +333,30 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, ema
             raise ValueError(f"{path} holds the optimizer state of a parallel.use_distributed_optimizer="
                              f"{saved == 'distributed'} run; resume with that setting (the two store Adam's state "
                              "differently), or start a new run from its weights with train.init_checkpoint")
+        sharding = _saved_sharding(path, common)
+        _check_reshardable(path, common, sharding, optimizer)
         _materialize_optimizer_state(optimizer)
-        template["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_METADATA)
-    if ema is not None and ema.enabled and "ema" in _saved_top_keys(path):
+        template["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                             metadata={SHARDING_KEY: sharding})
+    if ema is not None and ema.enabled and any(k.startswith("ema.") for k in saved_keys):
         template["ema"] = _ema_entries(model_sd, ema)
     if restore_rng:
         template["rng"] = _rng_entry()
-    loaded = dist_checkpointing.load(template, str(path))
-    _unwrap(model).load_state_dict(loaded["model"])
+    template = _drop_absent_extra_state(path, template, saved_keys)
+    loaded = dist_checkpointing.load(template, str(path), sharded_strategy=_load_strategy(path))
+    _load_module_state(path, _unwrap(model), loaded["model"])
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        try:
+            # dp_reshardable's loader copies into the fp32 main params (views of leaves that require grad)
+            # outside no_grad; autograd refuses that, and nothing here is to be recorded anyway
+            with torch.no_grad():
+                optimizer.load_state_dict(_without_live_steps(loaded["optimizer"]))
+        except AssertionError as e:
+            if "unpadded elements" not in str(e):
+                raise
+            raise ValueError(f"{path}: its optimizer state was saved {ROUTINE_SHARDING} with another DDP bucket "
+                             f"layout ({e}); resume with the same parallel.overlap_grad_reduce and bucket size, or "
+                             "start a new run from its weights with train.init_checkpoint") from None
         unshare_adam_steps(optimizer)
     if scheduler is not None:
         if common.get("scheduler") is None:
@@ -295,6 +373,79 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, ema
     return common["trainer"]
 
 
+def _without_live_steps(state: dict) -> dict:
+    """megatron-core 0.16.1, dp_reshardable with torch's Adam (no TE/apex): the per-parameter "step" rides along
+    as a non-persistent object holding the *loading* optimizer's own counter, and its loader copies it over the
+    step megatron has just restored from the checkpoint's param groups: Adam's bias correction restarts. Drop
+    those entries so the restored step stays (a resumed step then equals the uninterrupted one)."""
+    chained = [state] if "param_state" in state else [v for v in state.values() if isinstance(v, dict)]
+    for opt_state in chained:  # one optimizer's state, or a ChainedOptimizer's {index: state}
+        param_state = opt_state.get("param_state")
+        if opt_state.get("param_state_sharding_type") != ROUTINE_SHARDING or not param_state:
+            continue
+        for key, per_dtype in param_state.items():
+            if not isinstance(key, int):
+                continue
+            for buckets in per_dtype.values():
+                for bucket in buckets:
+                    for entry in bucket:
+                        entry.pop("step", None)
+    return state
+
+
+def _saved_sharding(path: Path, common: dict) -> str:
+    # Checkpoints from before the content metadata were all saved fully_reshardable.
+    content = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
+    return content.get(SHARDING_KEY, RESHARDABLE_SHARDING)
+
+
+def _check_reshardable(path: Path, common: dict, sharding: str, optimizer) -> None:
+    if sharding != ROUTINE_SHARDING or _optimizer_format(optimizer) != "distributed":
+        return
+    saved_tp = common["trainer"]["layout"]["tp"]
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if saved_tp != tp:
+        raise ValueError(
+            f"{path} stores the distributed optimizer's state as each rank held it ({ROUTINE_SHARDING}: a "
+            f"routine save), which reloads at any DP size but only at TP={saved_tp}, not TP={tp}. Resume with "
+            f"parallel.tensor_model_parallel_size={saved_tp}; to change TP keeping the optimizer state, load it at "
+            f"TP={saved_tp} and save it again with save_checkpoint(..., reshardable=True); or start a new run "
+            "from its weights with train.init_checkpoint")
+
+
+def _drop_absent_extra_state(path: Path, template: dict, saved_keys: set[str]) -> dict:
+    """The template without the TE `_extra_state` objects the checkpoint lacks (a local-spec or converted
+    checkpoint loaded into a TE model: those modules keep their fresh state). Any other key the checkpoint lacks
+    is a ValueError naming it, raised before anything is read (torch would only say "Missing key" mid-load)."""
+    wanted = {v.key for v in nested_values(template) if isinstance(v, ShardedBase)}
+    absent = wanted - saved_keys
+    if not absent:
+        return template
+    others = sorted(k for k in absent if not k.endswith(EXTRA_STATE))
+    if others:
+        raise ValueError(f"{path} lacks {len(others)} key(s) this model needs: {', '.join(others[:8])}"
+                         + (", ..." if len(others) > 8 else "")
+                         + ". Is it a checkpoint of this model (architecture, parallel.use_distributed_optimizer, "
+                         "precision)? Compare its stored config with this run's")
+    if _is_rank0():
+        logger.info("%s has no %s for %d module(s) (a checkpoint of the local spec or a conversion): they keep "
+                    "their fresh state: %s", path, EXTRA_STATE, len(absent), ", ".join(sorted(absent)[:4]))
+    # as megatron's validation.adjust_non_strict_load (which expects a template of sharded entries only); only
+    # the model has _extra_state
+    kept = extract_matching_values(template["model"], lambda v: not (isinstance(v, ShardedBase) and v.key in absent))
+    return dict(template, model=kept[0])
+
+
+def _load_module_state(path: Path, module: torch.nn.Module, state: dict) -> None:
+    # torch's strict load would refuse the missing _extra_state entries dropped above; everything else must
+    # match exactly.
+    result = module.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith(EXTRA_STATE)]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"loading {path}: the model lacks {result.unexpected_keys[:8]} and the checkpoint lacks "
+                         f"{missing[:8]}")
+
+
 def _materialize_optimizer_state(optimizer) -> None:
     # A fresh torch Adam (megatron's fallback without TE/apex) has no per-parameter state until its first step,
     # and megatron's DistributedOptimizer cannot describe the state it is about to load without it. megatron's
@@ -304,11 +455,6 @@ def _materialize_optimizer_state(optimizer) -> None:
         inner = getattr(opt, "optimizer", None)
         if inner is not None and not inner.state and hasattr(opt, "_init_optimizer_states_with_dummy_values"):
             opt._init_optimizer_states_with_dummy_values()
-
-
-def _saved_top_keys(path: Path) -> set[str]:
-    metadata = dist_checkpointing.load_tensors_metadata(str(path))
-    return {key.split(".", 1)[0] for key in metadata}
 
 
 def _restore_rng(state: dict) -> None:

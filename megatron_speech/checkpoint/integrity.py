@@ -17,8 +17,10 @@ save_checkpoint writes it after every rank's shards are on disk and before `late
 The manifest detects damage, not tampering: whoever can rewrite a shard can rewrite the manifest. Distributed
 checkpoints are for trusted sources; share models as safetensors (tools/convert_to_hf.py).
 
-Collective when torch.distributed is initialized (hashing is spread over the ranks and every rank gets the same
-answer); also usable in a single process.
+Collective when torch.distributed is initialized: the files are dealt out by size (largest first, to the rank
+with the fewest bytes so far), so each rank reads about 1/N of the bytes, and the results are gathered so every
+rank gets the same answer; also usable in a single process. A resume reads the checkpoint for verification once
+(checkpointing.resume_step; the load that follows does not repeat it).
 
     python -m megatron_speech.checkpoint.integrity CKPT_DIR            verify (exit 1 with the problems)
     python -m megatron_speech.checkpoint.integrity CKPT_DIR --write    (re)write the manifest of files you trust
@@ -95,15 +97,38 @@ def file_digest(file: Path) -> dict[str, Any]:
     return {"size": size, "sha256": h.hexdigest()}
 
 
+def share_by_size(sizes: dict[str, int], world: int) -> list[list[str]]:
+    """Files dealt out to `world` ranks, largest first to the rank with the fewest bytes so far (deterministic:
+    ties by name and rank), so that hashing takes about 1/world of the bytes on each rank. With fully parallel
+    saves every rank wrote files of about the same size, and a plain name order would also do; a checkpoint
+    written by one rank (or a few) is where this matters."""
+    shares: list[list[str]] = [[] for _ in range(world)]
+    loads = [0] * world
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        rank = min(range(world), key=lambda r: (loads[r], r))
+        shares[rank].append(name)
+        loads[rank] += sizes[name]
+    return shares
+
+
 def compute_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of the files now in `path` (rank 0's listing; each rank hashes a share). Collective; every
     rank returns the same manifest or raises the same OSError."""
     path = Path(path)
     rank, world = _rank_world()
-    files = broadcast_from_rank0(_files(path) if rank == 0 else None)
+    sizes: Any = None
+    if rank == 0:
+        try:
+            sizes = {name: (path / name).stat().st_size for name in _files(path)}
+        except OSError as e:  # a file gone between listing and stat: the same error on every rank
+            sizes = f"rank 0: {e}"
+    sizes = broadcast_from_rank0(sizes)
+    if isinstance(sizes, str):
+        raise OSError(f"cannot hash the files of {path}: {sizes}")
+    files = sorted(sizes)
     entries, error = {}, None
     try:
-        for name in files[rank::world]:
+        for name in share_by_size(sizes, world)[rank]:
             entries[name] = file_digest(path / name)
     except OSError as e:
         error = f"rank {rank}: {e}"
@@ -151,9 +176,10 @@ def verify_checkpoint(path: str | Path) -> list[str]:
     manifest = broadcast_from_rank0(manifest)
     if isinstance(manifest, str):
         return [manifest]
-    files = sorted(manifest["files"])
+    sizes = {name: int(entry.get("size", 0)) if isinstance(entry, dict) else 0
+             for name, entry in manifest["files"].items()}
     local = []
-    for name in files[rank::world]:
+    for name in share_by_size(sizes, world)[rank]:
         expected = manifest["files"][name]
         try:
             size = (path / name).stat().st_size
