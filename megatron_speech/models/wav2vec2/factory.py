@@ -10,7 +10,7 @@ from megatron.core.utils import init_method_normal
 from .config import Wav2Vec2Config
 from .encoder import Wav2Vec2Encoder
 from .feature_extractor import ConvFeatureExtractor
-from .layer_spec import block_spec
+from .layer_spec import block_spec, te_available
 from .model import Wav2Vec2ForPretraining
 from .quantizer import GumbelVectorQuantizer
 
@@ -23,9 +23,14 @@ def transformer_config(
     sequence_parallel: bool = False,
     precision: str = "fp32",
     recompute: str = "none",
+    use_te: bool | None = None,
 ) -> TransformerConfig:
-    """megatron-core's TransformerConfig for the context network (pre-LN, GELU MLP, biases, per-token loss)."""
+    """megatron-core's TransformerConfig for the context network (pre-LN, GELU MLP, biases, per-token loss).
+    `use_te`: whether the block will be built with Transformer Engine (default: where TE imports and CUDA is
+    present, as block_spec decides); pass the same value to build_pretraining_model."""
     cfg.validate()
+    if use_te is None:
+        use_te = te_available()
     if precision not in _DTYPES:
         raise ValueError(f"train.precision={precision!r}: expected one of {sorted(_DTYPES)}")
     init = init_method_normal(cfg.init_std)
@@ -53,11 +58,15 @@ def transformer_config(
         attention_softmax_in_fp32=True,
         calculate_per_token_loss=True,
         use_cpu_initialization=not on_gpu,
-        # fused kernels exist only on GPU; the unfused paths compute the same function
+        # megatron's fused bias-GELU is the tanh approximation; fairseq and transformers use erf GELU (parity with
+        # transformers is what the converters promise), so it stays off.
         bias_activation_fusion=False,
-        bias_dropout_fusion=on_gpu,
-        masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
+        bias_dropout_fusion=on_gpu,  # the same function, fused (GPU only)
+        masked_softmax_fusion=False,  # no softmax of megatron's: SDPA or TE attention
+        # TE's linear layers add the weight gradient into megatron DDP's fp32 main_grad buffer in their GEMM
+        # (no separate gradient tensor, no extra add). Needs every megatron linear to be TE's (the block's are)
+        # and the model wrapped by megatron's DDP before a backward (the training drivers do).
+        gradient_accumulation_fusion=use_te,
         recompute_granularity=None if recompute == "none" else recompute,
         recompute_method="uniform" if recompute == "full" else None,
         recompute_num_layers=1 if recompute == "full" else None,
@@ -74,6 +83,11 @@ def build_pretraining_model(
 ) -> Wav2Vec2ForPretraining:
     """The pre-training model on this rank (parallel_state must be initialized unless pg_collection given), on
     `device` (default: parallel.initialize.compute_device(), this rank's GPU or the CPU)."""
+    if use_te is None:
+        use_te = te_available()
+    if tconfig.gradient_accumulation_fusion and not use_te:
+        raise ValueError("the TransformerConfig fuses gradient accumulation into Transformer Engine's linear "
+                         "layers, but the model is built without TE: pass the same use_te to transformer_config")
     if pg_collection is None:
         pg_collection = ProcessGroupCollection.use_mpu_process_groups()
     if device is None:

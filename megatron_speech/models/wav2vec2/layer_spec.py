@@ -1,7 +1,8 @@
 """The transformer layer spec: megatron-core's bidirectional (BERT-style, pre-LN) layer.
 
 Two paths, chosen once at build time:
-- Transformer Engine modules when TE imports and CUDA is present (fused LayerNorm+Linear, TE attention);
+- Transformer Engine modules when TE imports and CUDA is present (fused LayerNorm+Linear, TE attention), with the
+  attention's mask type following each call (no mask in pre-training, padding in fine-tuning);
 - otherwise megatron-core's local modules with an SDPA attention core and an SP-capable LayerNorm. This is
   the path CI tests on every machine without TE/apex (megatron's own fallback, WrappedTorchNorm, refuses
   sequence parallelism).
@@ -33,8 +34,12 @@ from megatron.core.utils import divide
 
 
 def fp32_layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
-    """`norm` applied in fp32 whatever the activation dtype, result in x's dtype: fp16 statistics over 512-1024
+    """`norm` with fp32 statistics whatever the activation dtype, result in x's dtype: fp16 statistics over 512-1024
     channels lose precision (DESIGN §5: LayerNorms stay fp32 under mixed precision)."""
+    if x.is_cuda:
+        # CUDA's layer_norm accumulates half/bf16 inputs in fp32 itself (its acc_type): an fp32 copy of the
+        # activations would only add memory traffic. It wants the affine parameters in the input's dtype.
+        return F.layer_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps)
     return F.layer_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps).to(x.dtype)
 
 
@@ -112,6 +117,27 @@ class SDPAttention(MegatronModule):
         return ctx.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
 
 
+def attention_mask_type(attention_mask: torch.Tensor | None) -> AttnMaskType:
+    """The mask type a bidirectional attention call needs: `no_mask` without a mask (pre-training's unpadded crops,
+    validation, `embed`), `padding` with one (fine-tuning's padded batches). megatron's BERT specs fix `padding`
+    at build time; Transformer Engine asserts when a padding type comes without a mask ("Please provide
+    attention_mask for padding!") and would ignore a mask passed under `no_mask`."""
+    return AttnMaskType.no_mask if attention_mask is None else AttnMaskType.padding
+
+
+def mask_type_from_call(core_attention: type) -> type:
+    """`core_attention` (TE's TEDotProductAttention, our SDPAttention) taking its mask type from each call's mask
+    (attention_mask_type) instead of the type megatron's SelfAttention passes (the spec's fixed one)."""
+
+    class CallMaskType(core_attention):
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, **kwargs):
+            return super().forward(query, key, value, attention_mask,
+                                   attn_mask_type=attention_mask_type(attention_mask), **kwargs)
+
+    CallMaskType.__name__ = CallMaskType.__qualname__ = f"{core_attention.__name__}CallMaskType"
+    return CallMaskType
+
+
 def te_available() -> bool:
     """True when Transformer Engine imports and CUDA is present (the only case its spec is used)."""
     if not torch.cuda.is_available():
@@ -134,7 +160,7 @@ def local_layer_spec() -> ModuleSpec:
                 params={"attn_mask_type": AttnMaskType.padding},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
-                    core_attention=SDPAttention,
+                    core_attention=mask_type_from_call(SDPAttention),
                     linear_proj=RowParallelLinear,
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
@@ -161,7 +187,8 @@ def block_spec(num_layers: int, use_te: bool | None = None) -> TransformerBlockS
         from megatron.core.extensions.transformer_engine import TENorm
         from megatron.core.models.bert.bert_layer_specs import get_bert_layer_with_transformer_engine_spec
 
-        return TransformerBlockSubmodules(
-            layer_specs=[get_bert_layer_with_transformer_engine_spec()] * num_layers, layer_norm=TENorm
-        )
+        layer = get_bert_layer_with_transformer_engine_spec()
+        attention = layer.submodules.self_attention.submodules
+        attention.core_attention = mask_type_from_call(attention.core_attention)
+        return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TENorm)
     return TransformerBlockSubmodules(layer_specs=[local_layer_spec()] * num_layers, layer_norm=LayerNorm)
