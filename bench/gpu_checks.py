@@ -262,7 +262,7 @@ def _cosine(a, b) -> float:
     return float(torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0))
 
 
-def check_te(device: str, ref: dict | None = None) -> dict:
+def check_te(device: str, ref: dict | None = None, config: str = "configs/xl.yaml", te_spec: bool = True) -> dict:
     """XL built with Transformer Engine's spec (the path NVIDIA's container takes), bf16 as trained:
     - load_local: a checkpoint written from the local (SDPA) spec (save_model_only) loads into it
       (load_model_weights: TE's `_extra_state` absent from the file);
@@ -270,7 +270,8 @@ def check_te(device: str, ref: dict | None = None) -> dict:
     - padded: the fine-tuning path, `encode` with a padding mask, forward/backward: TE must take the mask;
     - TE against local on the same weights: loss, and hidden states at real frames (cosine), and a padded
       utterance's states equal to the same utterance run alone (the mask really masks).
-    Each part is tried on its own, so one failure does not hide the others."""
+    Each part is tried on its own, so one failure does not hide the others. (`config` and `te_spec=False` let the
+    CPU tests run this plumbing with the local spec in both places.)"""
     why = _te_skip(device)
     if why is not None:
         return {"status": "SKIP", "why": why}
@@ -283,7 +284,7 @@ def check_te(device: str, ref: dict | None = None) -> dict:
 
     off = [f"model.{k}=0.0" for k in ("dropout", "attention_dropout", "feature_proj_dropout",
                                       "feature_quantizer_dropout")]
-    cfg = load_config(str(ROOT / "configs/xl.yaml"), off + ["train.precision=bf16"])
+    cfg = load_config(str(ROOT / config), off + ["train.precision=bf16"])
     sys.path.insert(0, str(ROOT / "bench"))
     from train_throughput import make_batch as bench_batch
 
@@ -308,6 +309,10 @@ def check_te(device: str, ref: dict | None = None) -> dict:
         model.quantizer.gumbel_noise = False  # deterministic codes: the two specs are comparable
         return model.train()
 
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     models: dict[str, torch.nn.Module] = {}
     with tempfile.TemporaryDirectory() as tmp:
         def save_local():
@@ -315,11 +320,13 @@ def check_te(device: str, ref: dict | None = None) -> dict:
             save_model_only(os.path.join(tmp, "local"), models["local"], cfg)
 
         def build_te():
-            models["te"] = build(True)
-            kinds = sorted({type(m).__module__.split(".")[0] for m in models["te"].encoder.modules()})
-            if "transformer_engine" not in kinds:
-                raise AssertionError(f"use_te=True built no Transformer Engine module (module roots: {kinds})")
-            return {"module_roots": kinds}
+            models["te"] = build(te_spec)
+            # megatron's TE wrappers live in megatron.core.extensions: look for TE in each module's classes
+            te_modules = sorted({type(m).__name__ for m in models["te"].encoder.modules()
+                                 if any(c.__module__.startswith("transformer_engine") for c in type(m).__mro__)})
+            if te_spec and not te_modules:
+                raise AssertionError("use_te=True built no Transformer Engine module")
+            return {"te_modules": te_modules}
 
         def load_local():
             load_model_weights(os.path.join(tmp, "local"), models["te"])
@@ -342,7 +349,7 @@ def check_te(device: str, ref: dict | None = None) -> dict:
             d.zero_grad_buffer()
             out = d(batch["waveform"], mask=batch["mask"], negatives=batch["negatives"])
             out.loss.backward()
-            torch.cuda.synchronize()
+            sync()
             finite = all(bool(p.main_grad.isfinite().all()) for p in models[name].parameters()
                          if hasattr(p, "main_grad"))
             losses[name] = float(out.loss.detach())
@@ -368,7 +375,7 @@ def check_te(device: str, ref: dict | None = None) -> dict:
             (x.float().masked_fill(padding_mask[..., None], 0.0).pow(2).mean()).backward()
             with torch.no_grad():
                 alone = inner.encode(wave[1:2, :cfg.model.num_samples(real)].to(torch.bfloat16))
-            torch.cuda.synchronize()
+            sync()
             states[name] = x.detach()
             finite = all(bool(p.main_grad.isfinite().all()) for p in inner.parameters() if hasattr(p, "main_grad"))
             cos_alone = _cosine(x[1, :real], alone[0])
@@ -398,7 +405,7 @@ def check_te(device: str, ref: dict | None = None) -> dict:
         parts["te_vs_local"] = {"status": "FAIL", "error": "not compared: an earlier part failed"}
     failed = [n for n, r in parts.items() if r["status"] == "FAIL"]
     return {"status": "FAIL" if failed else "PASS", "failed_parts": failed, "frames": frames, **parts,
-            "te_version": getattr(__import__("transformer_engine"), "__version__", "?")}
+            "te_version": getattr(sys.modules.get("transformer_engine"), "__version__", None)}
 
 
 def check_drivers(device: str, ref: dict) -> dict:
