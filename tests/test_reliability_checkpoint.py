@@ -157,6 +157,38 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, ckpt):
     assert "iter_0000006" in str(e.value) and "iter_0000002" in str(e.value)
 
 
+def _resume_counting_reads(rank: int, world: int, save_dir: str):
+    from megatron_speech.checkpoint.checkpointing import load_checkpoint
+    from tests.test_checkpoint import _setup
+
+    cfg, model, ddp, opt, sched, ema, _, _ = _setup(1)  # TP=1, DP=2: the layout that wrote it
+    hashed = []
+    digest = integrity.file_digest
+
+    def counting(file):
+        hashed.append((Path(file).name, Path(file).stat().st_size))
+        return digest(file)
+
+    integrity.file_digest = counting
+    step = resume_step(save_dir)
+    trainer = load_checkpoint(checkpoint_dir(save_dir, step), ddp, opt, sched, ema)
+    return hashed, trainer["consumed"]
+
+
+def test_a_resume_reads_each_file_once_for_its_checksum_shared_over_the_ranks(tmp_path, ckpt):
+    save_dir = tmp_path / "run"
+    shutil.copytree(ckpt, checkpoint_dir(save_dir, 4))
+    (save_dir / "latest").write_text("4\n")
+    results = run_ranks(_resume_counting_reads, 2, str(save_dir))
+    assert [consumed for _, consumed in results] == [4, 4]
+    hashed = [entry for part, _ in results for entry in part]
+    files = [name for name in json.loads((ckpt / MANIFEST).read_text())["files"]]
+    # every file hashed once in all (resume_step verified it; the load did not repeat that), and the bytes split
+    assert sorted(name for name, _ in hashed) == sorted(files)
+    per_rank = [sum(size for _, size in part) for part, _ in results]
+    assert min(per_rank) >= 0.3 * sum(per_rank), per_rank
+
+
 # ------------------------------------------------------------------------------------------ 4. unsafe pickles
 
 
