@@ -97,6 +97,43 @@ def model_state_bytes(num_params: int, precision: str, dp: int, distributed_opti
     }
 
 
+def checkpoint_bytes(num_params: int, largest_tensor: int, precision: str, dp: int, distributed_optimizer: bool,
+                     ema: bool, total_params: int | None = None) -> dict[str, float]:
+    """Bytes of one checkpoint save, derived from the parameter count of one TP rank (not measured).
+
+    Stored: the model weights in the training dtype, the EMA in fp32, and the optimizer state in fp32 (megatron
+    saves the master weights, or the fp32 weights themselves, and Adam's two moments: 12 bytes a parameter;
+    bucket padding, RNG states and the common state are a few KB). With megatron's fully parallel save over the
+    DP group (checkpoint/checkpointing.py), the DP replicas of the weights and EMA split the writing by whole
+    tensors, and the distributed optimizer's state is written `dp_reshardable`: each DP rank its own 1/dp shard.
+    A rank may write up to one largest tensor more than the even share. Returns the totals per TP rank
+    ("weights", "ema", "optimizer", "total"), "per_rank" and "per_rank_max" (the bound), "before": what
+    DP rank 0 wrote alone with `fully_reshardable` and no parallel save (the same total, after an all-gather of
+    the whole optimizer state onto every rank), and "save_total": one save over all TP ranks (total_params:
+    the model's count; TP replicas are written once)."""
+    half = precision != "fp32"
+    weight_bytes = 2 if half else 4
+    out = {"weights": weight_bytes * num_params, "ema": 4 * num_params if ema else 0,
+           "optimizer": 12 * num_params}
+    out["total"] = out["weights"] + out["ema"] + out["optimizer"]
+    out["per_rank"] = out["total"] / dp
+    out["per_rank_max"] = out["per_rank"] + largest_tensor * (4 if ema else weight_bytes)
+    if not distributed_optimizer:  # the plain optimizer's state is replicated over DP: split like the weights
+        out["per_rank_max"] += 4 * largest_tensor
+    out["before"] = out["total"]
+    out["gathered_per_rank"] = out["optimizer"] if distributed_optimizer else 0
+    out["save_total"] = out["total"] * (total_params or num_params) / num_params
+    return out
+
+
+def largest_tensor(m: Wav2Vec2Config, tensor_model_parallel_size: int = 1) -> int:
+    """Elements of the model's largest single tensor on one TP rank (the granularity of a split save)."""
+    h, f, tp = m.hidden_size, m.ffn_hidden_size, tensor_model_parallel_size
+    conv = max(c_in * kernel * c_out for c_in, (c_out, kernel, _) in
+               zip([1] + [c for c, _, _ in m.conv_layers], m.conv_layers))
+    return max(3 * h * h // tp, h * f // tp, h * (h // m.pos_conv_groups) * m.pos_conv_kernel, conv)
+
+
 def activation_bytes(m: Wav2Vec2Config, batch_size: int, num_frames: int, *, precision: str = "fp32",
                      tensor_model_parallel_size: int = 1, sequence_parallel: bool = False,
                      recompute_transformer: str = "none", recompute_conv: bool = False,
@@ -183,6 +220,7 @@ class Plan:
     params_total: int
     params_per_gpu: int
     state: dict[str, float]
+    checkpoint: dict[str, float]
     activations_max_crop: dict[str, float]
     activations_worst: dict[str, float]
     flops_max_crop: ForwardFlops
@@ -271,10 +309,12 @@ def make_plan(cfg: Config, world_size: int, world_size_source: str = "--world-si
     total = sum(parameter_counts(m, 1).values())
     per_gpu = sum(counts.values())
     state = model_state_bytes(per_gpu, t.precision, dp, p.use_distributed_optimizer, t.ema_decay > 0)
+    checkpoint = checkpoint_bytes(per_gpu, largest_tensor(m, tp), t.precision, dp, p.use_distributed_optimizer,
+                                  t.ema_decay > 0, total_params=total)
     reference_frames = max(1, m.num_frames(round(min(FLOP_REFERENCE_CROP_SECONDS, d.max_sample_seconds) * SAMPLE_RATE)))
     return Plan(cfg=cfg, world_size=world_size, world_size_source=world_size_source, tp=tp, dp=dp,
                 max_crop_frames=max_frames, max_crop_batch=max_batch, worst_frames=worst_frames,
-                worst_batch=worst_batch, params_total=total, params_per_gpu=per_gpu, state=state,
+                worst_batch=worst_batch, params_total=total, params_per_gpu=per_gpu, state=state, checkpoint=checkpoint,
                 activations_max_crop=_act(cfg, tp, max_batch, max_frames), activations_worst=worst,
                 flops_max_crop=forward_flops(m, max_batch, max_frames),
                 flops_reference=forward_flops(m, 1, reference_frames),
@@ -365,6 +405,17 @@ def format_plan(plan: Plan, config_name: str = "") -> str:
             resume = f"resume from step {fh.read().strip()}"
     add(f"checkpoints  {os.path.abspath(t.save_dir)} ({resume}); every {t.save_interval} steps, on signal and at "
         "the end")
+    c = plan.checkpoint
+    share = c["save_total"] / c["total"]
+    add(f"             derived from the parameter count (not measured): {_gib(c['save_total'])} per save = weights "
+        f"{_gib(c['weights'] * share)} + " + (f"EMA {_gib(c['ema'] * share)} + " if c["ema"] else "")
+        + f"optimizer {_gib(c['optimizer'] * share)} (fp32 master + Adam moments); each of the {plan.world_size} ranks "
+        f"writes ~{_gib(c['per_rank'])} (<= {_gib(c['per_rank_max'])}: replicas split by whole tensors) and reads "
+        f"about as much on resume and to verify checksums")
+    if p.use_distributed_optimizer:
+        add(f"             (fully parallel save, optimizer dp_reshardable; with fully_reshardable and no parallel "
+            f"save, DP rank 0 of each TP rank wrote {_gib(c['before'])} alone after gathering "
+            f"{_gib(c['gathered_per_rank'])} of optimizer state into every rank's host memory)")
     for note in plan.notes:
         add(f"note         {note}")
     if plan.problems:
