@@ -64,7 +64,9 @@ def make_batch(cfg, seed: int = 0) -> dict:
 def build(cfg, precision: str = "fp32"):
     from megatron_speech.models.wav2vec2.factory import build_pretraining_model, transformer_config
 
-    model = build_pretraining_model(cfg.model, transformer_config(cfg.model, precision=precision))
+    # the local spec, TE or not (the CPU reference has no TE; the `te` stage checks TE's spec against it)
+    model = build_pretraining_model(cfg.model, transformer_config(cfg.model, precision=precision, use_te=False),
+                                    use_te=False)
     model.quantizer.gumbel_noise = False  # deterministic straight-through codes: comparable across devices
     return model
 
@@ -305,7 +307,8 @@ def check_te(device: str, ref: dict | None = None, config: str = "configs/xl.yam
         return parts[name]["status"] == "PASS"
 
     def build(use_te: bool):
-        model = build_pretraining_model(cfg.model, transformer_config(cfg.model, precision="bf16"), use_te=use_te)
+        tconfig = transformer_config(cfg.model, precision="bf16", use_te=use_te)
+        model = build_pretraining_model(cfg.model, tconfig, use_te=use_te)
         model.quantizer.gumbel_noise = False  # deterministic codes: the two specs are comparable
         return model.train()
 
