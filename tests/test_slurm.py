@@ -1,7 +1,10 @@
 """launch/pretrain_xl_4x8.sbatch, unchanged, on a real 2-node Slurm cluster brought up on this host
 (tests/slurm/cluster.sh: munged, slurmctld, two slurmd), scaled down to 2 nodes x 1 task with the tiny config:
 a run to completion, then USR1 -> save -> exit 75 -> self-requeue -> resume, checked from the job's own log and
-its checkpoints. Skipped (with the reason) where the Slurm packages are missing, except in CI (CI set): there a
+its checkpoints; and the same with DataLoader workers and the signal landing after an interval checkpoint (Slurm
+signals every process of the step: the workers and megatron's checkpoint-writer Manager must survive it). The
+jobs are submitted from an environment holding stale RANK/WORLD_SIZE/LOCAL_RANK, as a shell that ran torchrun
+would. Skipped (with the reason) where the Slurm packages are missing, except in CI (CI set): there a
 missing package is a failure, so the stage cannot silently vanish."""
 
 from __future__ import annotations
@@ -51,9 +54,9 @@ def cluster(tmp_path_factory):
                         text=True, timeout=120, env=dict(os.environ, PATH=SEARCH_PATH))
     try:
         assert up.returncode == 0, f"cluster bring-up failed:\n{up.stdout}\n{up.stderr}"
-        env = {k: v for k, v in os.environ.items()
-               # a launcher's variables in the test's own environment would override Slurm's in the job
-               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+        env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+        # sbatch exports the submitting environment: the script must not let these override Slurm's
+        env.update(RANK="5", WORLD_SIZE="9", LOCAL_RANK="3")
         for line in (workdir / "env").read_text().splitlines():
             key, value = line.removeprefix("export ").split("=", 1)
             env[key] = value
@@ -111,6 +114,37 @@ def test_sbatch_runs_to_completion_on_two_nodes(cluster, shards):
     assert train_steps(save) == [1, 2, 3, 4, 5, 6]
 
 
+def _signal_once_under_way(env: dict, job: str, save: Path, log, ready) -> None:
+    """Send USR1 to the job's steps (as Slurm's --signal=USR1@N does) once ready() holds."""
+    deadline = time.monotonic() + 180
+    while not ready():
+        state = job_state(env, job)
+        assert state in ("PENDING", "CONFIGURING", "RUNNING"), f"job {job} is {state} before the signal:\n{log()}"
+        assert time.monotonic() < deadline, f"not ready after 180 s (steps {train_steps(save)}):\n{log()}"
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True)
+
+
+def _until_requeued_run_ends(env: dict, job: str, log) -> str:
+    deadline = time.monotonic() + 180
+    while True:  # until the requeued run has finished (the job's record stays MinJobAge=4 s after it ends)
+        state, text = job_state(env, job), log()
+        if state in (None, "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY") and \
+                re.search(r"training step (exited [03]\b|failed)", text.split("(restart 1)")[-1]):
+            break
+        if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY") or \
+                (state is None and "(restart 1)" not in text):
+            break  # ended without a restart
+        assert time.monotonic() < deadline, f"job {job} still {state} 180 s after USR1:\n{text[-5000:]}"
+        time.sleep(0.5)
+    assert state in (None, "COMPLETED"), text[-5000:]
+    return text
+
+
+def _logger(path: Path):
+    return lambda: path.read_text() if path.exists() else ""
+
+
 def test_usr1_saves_requeues_and_resumes(cluster, shards):
     workdir, env = cluster
     save = workdir / "run_requeue"
@@ -118,28 +152,10 @@ def test_usr1_saves_requeues_and_resumes(cluster, shards):
     _, job = sbatch(dict(env, SAVE_DIR=str(save)), *SHAPE, f"--output={workdir}/requeue-%j.out", SCRIPT,
                     f"data.prefix={shards}", f"train.max_steps={total}", "train.save_interval=1000",
                     "train.eval_interval=0", "train.log_interval=1")
-    log_path = workdir / f"requeue-{job}.out"
-
-    def log() -> str:
-        return log_path.read_text() if log_path.exists() else ""
-
-    deadline = time.monotonic() + 120
-    while len(train_steps(save)) < 2:  # training is under way: preempt it as Slurm's warning signal would
-        state = job_state(env, job)
-        assert state in ("PENDING", "CONFIGURING", "RUNNING"), f"job {job} is {state} before the signal:\n{log()}"
-        assert time.monotonic() < deadline, f"no training step after 120 s:\n{log()}"
-        time.sleep(0.1)
-    subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True)
-
-    deadline = time.monotonic() + 150
-    while True:  # until the requeued run has finished (the job's record stays MinJobAge=4 s after it ends)
-        state, text = job_state(env, job), log()
-        if state in (None, "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY") and \
-                re.search(r"training step (exited [03]\b|failed)", text.split("(restart 1)")[-1]):
-            break
-        assert time.monotonic() < deadline, f"job {job} still {state} 150 s after USR1:\n{text[-5000:]}"
-        time.sleep(0.5)
-    assert state in (None, "COMPLETED"), text[-5000:]
+    log = _logger(workdir / f"requeue-{job}.out")
+    # training is under way: preempt it as Slurm's warning signal would
+    _signal_once_under_way(env, job, save, log, lambda: len(train_steps(save)) >= 2)
+    text = _until_requeued_run_ends(env, job, log)
 
     first, sep, second = text.partition("start (restart 1)")
     assert sep, f"the job never restarted:\n{text[-5000:]}"
@@ -159,3 +175,39 @@ def test_usr1_saves_requeues_and_resumes(cluster, shards):
     assert (save / "latest").read_text().strip() == str(total)
     # Checkpoint steps seen from the metrics: 1..step by the first run, step+1..total by the resumed one.
     assert train_steps(save) == list(range(1, total + 1))
+
+
+def test_usr1_after_a_checkpoint_with_workers_saves_requeues_and_resumes(cluster, shards):
+    """As at scale: DataLoader workers on (configs/xl.yaml has 4), and the warning signal lands after an interval
+    checkpoint, when megatron's checkpoint-writer Manager process exists. Slurm signals every process of the step:
+    a worker or the Manager dying of it used to end the job with exit 1, nothing saved, no requeue."""
+    workdir, env = cluster
+    save = workdir / "run_workers"
+    total = 16  # the signal lands a step or two after the poll sees a step past the first checkpoint (3)
+    _, job = sbatch(dict(env, SAVE_DIR=str(save)), *SHAPE, f"--output={workdir}/workers-%j.out", SCRIPT,
+                    f"data.prefix={shards}", f"train.max_steps={total}", "train.save_interval=3",
+                    "train.eval_interval=0", "train.log_interval=1", "data.num_workers=2")
+    log = _logger(workdir / f"workers-{job}.out")
+
+    def after_a_checkpoint() -> bool:  # `latest` exists (the writer's Manager too) and training went on past it
+        latest = save / "latest"
+        steps = train_steps(save)
+        return latest.exists() and bool(steps) and steps[-1] > int(latest.read_text().strip() or 0)
+
+    _signal_once_under_way(env, job, save, log, after_a_checkpoint)
+    text = _until_requeued_run_ends(env, job, log)
+
+    first, sep, second = text.partition("start (restart 1)")
+    assert sep, f"the job never restarted:\n{text[-5000:]}"
+    assert "killed by signal" not in text and "exited unexpectedly" not in text, text[-5000:]
+    stopped = re.search(r"^0: .*stopping at step (\d+): stop signal \(SIGUSR1\) \(exit 75\)", first, re.M)
+    assert stopped, first[-4000:]
+    step = int(stopped.group(1))
+    assert 3 <= step < total
+    assert f"saved {save}/iter_{step:07d}" in first
+    assert "exited 75 (preempted, checkpoint saved): requeueing (restart 1 of at most 20)" in first
+    assert f"resumed from {save}/iter_{step:07d}" in second, second[-4000:]
+    assert re.search(rf"^0: .*stopping at step {total}: reached train.max_steps={total} \(exit 0\)", second, re.M)
+    assert "training step exited 0: done" in second and "stop signal" not in second
+    assert (save / "latest").read_text().strip() == str(total)
+    assert train_steps(save) == list(range(1, total + 1))  # every step logged once

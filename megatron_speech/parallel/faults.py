@@ -6,6 +6,10 @@ it outlives any worker; under plain srun rank 0 hosts it) and waits a few second
 never check in are the dead or stuck ones. A rank whose own collective is still waiting for its timeout checks in
 later than that, so on a large job the list can include live ranks: torchrun's report ("Root Cause ... rank: N")
 and the first failing rank's log are authoritative for a rank that exited.
+
+This is the gloo path. On NCCL with TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (torch's default; launch/common.sh sets it)
+the watchdog aborts the process first (SIGABRT): no exception reaches Python, srun reports 134 (137 for the ranks
+`srun --wait` kills), and launch/common.sh gives it the same bounded requeue as exit 4.
 """
 
 from __future__ import annotations

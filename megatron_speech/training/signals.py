@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from multiprocessing import resource_tracker
 import threading
 from collections.abc import Iterator
+from multiprocessing import resource_tracker
 
 import torch
 import torch.distributed as dist
