@@ -362,6 +362,40 @@ def test_the_checkpoint_writer_survives_slurm_signals(tmp_path):
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout[-2000:] + out.stderr[-3000:]
 
 
+_WANDB_UNDER_SIGNALS = """
+import json, os, signal, sys
+import psutil
+from megatron_speech.config import load_config
+from megatron_speech.training.monitor import Monitor
+
+cfg = load_config("configs/tiny.yaml", [f"train.save_dir={sys.argv[1]}", "logging.wandb=true",
+                                        "logging.wandb_mode=offline"])
+monitor = Monitor(cfg, 0, 4)
+monitor.write(1, "train", {"loss": 1.0})
+core = [p for p in psutil.Process().children(recursive=True) if p.name() == "wandb-core"]
+assert core, "no wandb-core process"
+for sig in (signal.SIGUSR1, signal.SIGTERM):  # Slurm's warning, then preemption: to every process of the step
+    for p in core:
+        p.send_signal(sig)
+psutil.wait_procs(core, timeout=30)
+monitor.write(2, "train", {"loss": 0.5})
+monitor.alarm(2, "still here")
+monitor.close()
+assert [json.loads(line)["step"] for line in open(monitor.metrics_path)] == [1, 2, 2]
+print("ok")
+"""
+
+
+def test_a_run_outlives_wandbs_service(tmp_path):
+    """Preemption's SIGTERM ends wandb's service (wandb-core, a Go program, unblocks SIGTERM itself): the training
+    process must go on logging to metrics.jsonl and save, not raise from wandb."""
+    pytest.importorskip("wandb")
+    env = dict(os.environ, WANDB_SILENT="true", WANDB_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", _WANDB_UNDER_SIGNALS, str(tmp_path)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout[-2000:] + out.stderr[-3000:]
+
+
 def test_resume_falls_back_past_a_damaged_latest_checkpoint(tmp_path, shards, straight_run):
     run = tmp_path / "damaged"
     shutil.copytree(straight_run, run)

@@ -43,8 +43,9 @@ class Monitor:
                 from megatron_speech.config import config_to_dict
                 from megatron_speech.training.signals import stop_signals_blocked
 
-                # wandb.init starts its service process: blocked, Slurm's USR1/TERM to the whole step leave it alive
-                # until this process has saved and finished the run.
+                # wandb.init starts its service (wandb-core, plus the resource tracker): started blocked, Slurm's
+                # USR1 to the whole step leaves them alive. wandb-core is a Go program and unblocks SIGTERM, which
+                # ends it: hence _wandb_call, so that a preempted run still saves.
                 with stop_signals_blocked():
                     self._wandb = wandb.init(project=cfg.logging.wandb_project,
                                              name=cfg.logging.wandb_run_name or None, dir=t.save_dir,
@@ -58,8 +59,8 @@ class Monitor:
         record = {"step": step, "split": split, **{k: _plain(v) for k, v in values.items()}}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self._wandb is not None:
-            self._wandb.log({f"{split}/{k}": v for k, v in record.items() if k not in ("step", "split")}, step=step)
+        self._wandb_call("log", {f"{split}/{k}": v for k, v in record.items() if k not in ("step", "split")},
+                         step=step)
 
     def train_step(self, step: int, out: dict[str, Any], lr: float, loss_scale: float, temperature: float) -> None:
         self._samples += out["num_samples"]
@@ -128,8 +129,7 @@ class Monitor:
         if self.rank == 0:
             logger.warning("ALARM at step %d: %s", step, message)
             self.write(step, "alarm", {"message": message})
-            if self._wandb is not None:
-                self._wandb.alert(title="megatron-speech alarm", text=message)
+            self._wandb_call("alert", title="megatron-speech alarm", text=message)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best_valid": self.best_valid, "evals_without_improvement": self.evals_without_improvement,
@@ -141,8 +141,19 @@ class Monitor:
             setattr(self, k, v)
 
     def close(self) -> None:
-        if self._wandb is not None:
-            self._wandb.finish()
+        self._wandb_call("finish")
+
+    def _wandb_call(self, method: str, *args, **kwargs) -> None:
+        """wandb is a mirror of metrics.jsonl, never a reason to stop: when its service is gone (preemption's
+        SIGTERM reaches every process of a Slurm step and ends wandb-core), warn once and go on without it."""
+        if self._wandb is None:
+            return
+        try:
+            getattr(self._wandb, method)(*args, **kwargs)
+        except Exception as e:  # ConnectionResetError, wandb.Error, ...: whatever its transport raises
+            logger.warning("wandb stopped working (%s: %s): metrics keep going to %s only; `wandb sync` what it "
+                           "wrote so far", type(e).__name__, e, self.metrics_path)
+            self._wandb = None
 
 
 _LIKELY_CAUSE = {
