@@ -23,7 +23,8 @@
 # to every process of the step whatever --signal says, so the helpers must survive a signal anyway, and once they
 # do, USR1 straight to the ranks needs no file on shared storage polled every step. So helpers start with
 # USR1/TERM blocked (the mask is inherited across fork and exec) and DataLoader workers ignore them; only the
-# training processes act (megatron_speech/training/signals.py). A USR1 sent to the batch shell alone
+# training processes act (megatron_speech/training/signals.py). wandb's service unblocks TERM itself (a Go
+# program) and dies of preemption: the training process then goes on without it (metrics.jsonl has every step). A USR1 sent to the batch shell alone
 # (`scancel --batch --signal=USR1`) is forwarded to the step by ms_run_step.
 #
 # Requeue protocol (the driver's exit codes, megatron_speech/training/signals.py):
