@@ -185,7 +185,9 @@ class ParallelConfig:
     overlap_grad_reduce: bool = True
     """Overlap the DP gradient reduce with the backward pass."""
     overlap_param_gather: bool = False
-    """Overlap the parameter all-gather with the next forward (needs distributed optimizer + grad overlap)."""
+    """Overlap the parameter all-gather with the next forward (needs distributed optimizer + grad overlap). Weights are
+    gathered at once before anything reads them (EMA update, evaluation, save): with train.ema_decay > 0 that is
+    every step, so the overlap pays only without EMA."""
 
     @property
     def sequence_parallel_enabled(self) -> bool:

@@ -56,7 +56,7 @@ from megatron_speech.training.ema import EMA
 from megatron_speech.training.finetune_step import evaluate, train_step
 from megatron_speech.training.monitor import Monitor
 from megatron_speech.training.optim import build_optimizer, build_scheduler
-from megatron_speech.training.parallelize import wrap_for_training
+from megatron_speech.training.parallelize import sync_params, wrap_for_training
 from megatron_speech.training.signals import EXIT_DIVERGED, EXIT_DONE
 
 logger = logging.getLogger("megatron_speech")
@@ -138,7 +138,8 @@ def build_trainer(model: Wav2Vec2ForFinetuning, cfg: Config, frozen: bool, sched
         param.grad = None
     model.set_trainable(encoder=not frozen, feature_encoder=not ft.freeze_feature_encoder,
                         mask_emb=ft.mask_prob > 0)
-    ddp = wrap_for_training(model, p.use_distributed_optimizer, p.overlap_grad_reduce)
+    ddp = wrap_for_training(model, p.use_distributed_optimizer, p.overlap_grad_reduce,
+                            overlap_param_gather=p.overlap_param_gather)
     optimizer = build_optimizer(ddp, cfg.optim, cfg.train, p)
     scheduler = build_scheduler(optimizer, cfg.optim)
     if scheduler_steps:
@@ -151,8 +152,8 @@ def retire(ddp) -> None:
     parameters' gradient accumulators without keeping handles; they stay attached, and each starts with `if param
     in self.param_to_bucket_group`: emptying that map makes them no-ops, so the new wrapper alone handles every
     gradient (tests/test_finetune.py checks the gradients after a rebuild)."""
-    if getattr(ddp, "use_forward_hook", False):
-        ddp.disable_forward_pre_hook(param_sync=False)
+    if getattr(ddp, "use_forward_hook", False):  # parallel.overlap_param_gather: gather the current weights first
+        ddp.disable_forward_pre_hook(param_sync=True)
     ddp.param_to_bucket_group.clear()
 
 
@@ -240,12 +241,16 @@ def train(cfg: Config, progress: dict[str, int]) -> int:
                 " (encoder frozen)" if frozen else "")
 
     # ddp / optimizer / scheduler are rebuilt when the encoder unfreezes: the lambda reads the current ones
-    saves = SavePolicy(t, monitor, lambda at: save_checkpoint(
-        t.save_dir, at, ddp, optimizer, scheduler, ema,
-        {"loader": loader.state_dict(), "monitor": monitor.state_dict(), "best": best,
-         "config": config_to_dict(cfg)}, keep_last=t.keep_last))
+    def save(at: int) -> None:
+        sync_params(ddp)
+        save_checkpoint(t.save_dir, at, ddp, optimizer, scheduler, ema,
+                        {"loader": loader.state_dict(), "monitor": monitor.state_dict(), "best": best,
+                         "config": config_to_dict(cfg)}, keep_last=t.keep_last)
+
+    saves = SavePolicy(t, monitor, save)
 
     def validate() -> str | None:
+        sync_params(ddp)
         metrics = evaluate(ddp, task, eval_batches(valid, task, cfg, dp_rank, dp, tp, t.eval_iters))
         monitor.write(step, "valid", {**metrics, **tags})
         value = metrics[best_name]
@@ -272,7 +277,9 @@ def train(cfg: Config, progress: dict[str, int]) -> int:
         step = progress["step"] = step + 1
         if out["updated"]:
             scheduler.step(increment=1)
-            ema.update()
+            if ema.enabled:
+                sync_params(ddp)
+                ema.update()
         audio += out["num_samples"]
         loss_scale = float(optimizer.get_loss_scale())
         if step % t.log_interval == 0:

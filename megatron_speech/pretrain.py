@@ -33,7 +33,7 @@ from megatron_speech.training.driver import SavePolicy, run_training
 from megatron_speech.training.ema import EMA
 from megatron_speech.training.monitor import Monitor
 from megatron_speech.training.optim import build_optimizer, build_scheduler
-from megatron_speech.training.parallelize import wrap_for_training
+from megatron_speech.training.parallelize import sync_params, wrap_for_training
 from megatron_speech.training.signals import EXIT_DIVERGED, EXIT_DONE
 from megatron_speech.training.step import evaluate_batches, train_step
 
@@ -43,6 +43,7 @@ logger = logging.getLogger("megatron_speech")
 def evaluate(model, eval_loader, num_batches: int) -> dict[str, float]:
     """Loss, contrastive accuracy and code perplexity on the valid split (same batches every time)."""
     batches = list(islice(iter(eval_loader), min(num_batches, eval_loader.num_batches)))
+    sync_params(model)
     model.eval()
     with torch.no_grad():
         metrics = evaluate_batches(model, batches)
@@ -76,7 +77,8 @@ def train(cfg, progress: dict[str, int]) -> int:
     if resume_from is None and t.init_checkpoint:  # before wrapping: DDP and the optimizer copy the weights
         load_model_weights(t.init_checkpoint, model)
         logger.info("initialized the model from %s", t.init_checkpoint)
-    ddp = wrap_for_training(model, p.use_distributed_optimizer, p.overlap_grad_reduce)
+    ddp = wrap_for_training(model, p.use_distributed_optimizer, p.overlap_grad_reduce,
+                            overlap_param_gather=p.overlap_param_gather)
     optimizer = build_optimizer(ddp, cfg.optim, t, p)
     scheduler = build_scheduler(optimizer, cfg.optim)
     ema = EMA(model, t.ema_decay)
@@ -93,10 +95,13 @@ def train(cfg, progress: dict[str, int]) -> int:
     loader = build_pretrain_loader(cfg.data, cfg.model, dp_rank, dp, t.num_micro_batches, tp, t.seed, loader_state,
                                    pin_memory=torch.cuda.is_available())  # to_device then copies asynchronously
     eval_loader = build_eval_loader(cfg.data, cfg.model, dp_rank, dp, tp, t.seed) if t.eval_interval > 0 else None
-    saves = SavePolicy(t, monitor, lambda at: save_checkpoint(
-        t.save_dir, at, ddp, optimizer, scheduler, ema,
-        {"loader": loader.state_dict(), "monitor": monitor.state_dict(), "config": config_to_dict(cfg)},
-        keep_last=t.keep_last))
+    def save(at: int) -> None:
+        sync_params(ddp)
+        save_checkpoint(t.save_dir, at, ddp, optimizer, scheduler, ema,
+                        {"loader": loader.state_dict(), "monitor": monitor.state_dict(), "config": config_to_dict(cfg)},
+                        keep_last=t.keep_last)
+
+    saves = SavePolicy(t, monitor, save)
 
     exit_code, reason = EXIT_DONE, f"reached train.max_steps={t.max_steps}"
     while step < t.max_steps:
@@ -106,7 +111,9 @@ def train(cfg, progress: dict[str, int]) -> int:
         step = progress["step"] = step + 1
         if out["updated"]:
             scheduler.step(increment=1)
-            ema.update()
+            if ema.enabled:
+                sync_params(ddp)
+                ema.update()
         loss_scale = float(optimizer.get_loss_scale())
         monitor.train_step(step, out, optimizer.param_groups[0]["lr"], loss_scale, temperature)
         why = monitor.check_step(out, loss_scale, step)

@@ -16,6 +16,7 @@ def wrap_for_training(
     use_distributed_optimizer: bool = True,
     overlap_grad_reduce: bool = False,
     bucket_size: int | None = None,
+    overlap_param_gather: bool = False,
 ) -> DistributedDataParallel:
     """Float16Module (fp16/bf16 per the model's TransformerConfig) + megatron-core DDP; sets the config hooks
     megatron's schedules read (no_sync_func, finalize_model_grads_func)."""
@@ -33,6 +34,7 @@ def wrap_for_training(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap_grad_reduce,
         use_distributed_optimizer=use_distributed_optimizer,
+        overlap_param_gather=overlap_param_gather,
         bucket_size=bucket_size,
     )
     ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
@@ -44,6 +46,15 @@ def wrap_for_training(
     config.finalize_model_grads_func = partial(_finalize, params=local_params if sum_local else [],
                                                tp_group=tp_group)
     return ddp
+
+
+def sync_params(ddp) -> None:
+    """Make the model's weights current. With parallel.overlap_param_gather the distributed optimizer leaves each
+    updated weight shard on its owner rank until the next forward gathers the buckets one by one (overlapped with
+    compute); whatever reads the weights before that (the EMA update, evaluation, a save, a rebuild of the wrapper)
+    must gather them first, as Megatron-LM does before its saves. A no-op without the overlap."""
+    if ddp.ddp_config.overlap_param_gather:
+        ddp.start_param_sync(force_sync=True)
 
 
 def _finalize(model_chunks, num_tokens=None, pg_collection=None, force_all_reduce=False, *, params, tp_group):
