@@ -52,7 +52,7 @@ def _rank(rank: int, world_size: int, use_distributed_optimizer: bool):
     from megatron_speech.models.wav2vec2.factory import transformer_config
     from megatron_speech.parallel.initialize import initialize_parallel
     from megatron_speech.training.parallelize import wrap_for_training
-    from megatron_speech.training.step import forward_step
+    from megatron_speech.training.step import agree, batch_counts, forward_step
 
     initialize_parallel(1, seed=1)
     zero_dropout = [f"model.{k}=0.0" for k in ("dropout", "attention_dropout", "feature_proj_dropout",
@@ -81,8 +81,10 @@ def _rank(rank: int, world_size: int, use_distributed_optimizer: bool):
     )
     model.zero_grad_buffer()
     opt.zero_grad()
-    # the step's global masked count: what train_step's all-reduce before the step gives
-    forward_backward_no_pipelining(forward_step_func=partial(forward_step, normalizer=total), data_iterator=iter(mine),
+    # the step's global masked count, as train_step gets it (one all-reduce of the masks' counts before the step)
+    (counted, _, _), _ = agree(batch_counts(mine))
+    assert counted == total, (counted, total)
+    forward_backward_no_pipelining(forward_step_func=partial(forward_step, normalizer=counted), data_iterator=iter(mine),
                                    model=model,
                                    num_microbatches=len(mine), seq_length=0, micro_batch_size=0)
     grads = {}

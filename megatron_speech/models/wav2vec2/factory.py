@@ -56,6 +56,8 @@ def transformer_config(
         bf16=precision == "bf16",
         pipeline_dtype=_DTYPES[precision],
         attention_softmax_in_fp32=True,
+        # the losses arrive already divided by the step's global count (training/step.py): with this, neither
+        # megatron's schedule (1/num_microbatches) nor its DDP (1/dp) rescales them
         calculate_per_token_loss=True,
         use_cpu_initialization=not on_gpu,
         # megatron's fused bias-GELU is the tanh approximation; fairseq and transformers use erf GELU (parity with

@@ -27,8 +27,8 @@ from .quantizer import GumbelVectorQuantizer, perplexity
 
 @dataclass
 class PretrainOutput:
-    """One micro-batch's loss pieces on this TP rank. Sums, not means: megatron's per-token normalization
-    divides the summed gradients by the global masked-frame count (DESIGN §3, Loss normalization)."""
+    """One micro-batch's loss pieces on this TP rank. Sums, not means: the step divides them by the global
+    masked-frame count before backward (training/step.py, Loss normalization)."""
 
     loss: torch.Tensor
     """This rank's share of contrastive sum + diversity + feature penalty; summed over TP = the group's loss."""
