@@ -342,7 +342,7 @@ def test_split_args():
 
 
 def test_xl_plan_on_4x8(shards):
-    cfg = load_config(str(ROOT / "configs/xl.yaml"), [f"data.prefix={shards}"])
+    cfg = load_config(str(ROOT / "configs/xl.yaml"), [f"data.prefix={shards}", "data.noise_dir="])
     plan = make_plan(cfg, 32, env={})
     assert not plan.problems and (plan.tp, plan.dp) == (1, 32)
     assert plan.params_total == plan.params_per_gpu and abs(plan.params_total - 317.4e6) < 0.1e6
@@ -353,7 +353,8 @@ def test_xl_plan_on_4x8(shards):
     assert 2 < sum(plan.activations_max_crop.values()) / 2**30 < 8  # Korthikanti-style estimate, fp16
     # at TP=2 + SP the transformer's matmul weights and every activation are split
     tp2 = make_plan(load_config(str(ROOT / "configs/xl.yaml"), [
-        f"data.prefix={shards}", "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]), 32,
+        f"data.prefix={shards}", "data.noise_dir=", "parallel.tensor_model_parallel_size=2",
+        "parallel.sequence_parallel=true"]), 32,
         env={})
     assert tp2.dp == 16 and tp2.params_per_gpu == sum(parameter_counts(cfg.model, 2).values())
     assert sum(tp2.activations_max_crop.values()) < 0.6 * sum(plan.activations_max_crop.values())
@@ -364,11 +365,12 @@ def test_xl_plan_on_4x8(shards):
     ({"tensor_model_parallel_size": 3}, 24, "must divide model.num_attention_heads=16"),
     ({"prefix": ["/nonexistent/prefix"]}, 32, "no shards /nonexistent/prefix_train_NNNNN"),
     ({"prefix": []}, 32, "data.prefix is empty"),
+    ({"noise_dir": "/nonexistent/musan"}, 32, "data.noise_dir='/nonexistent/musan' has no noise/ folder"),
 ])
 def test_plan_names_the_problem(change, world, expected, shards):
     cfg = load_config(str(ROOT / "configs/xl.yaml"), [f"data.prefix={shards}"])
     for key, value in change.items():  # set after loading: load_config itself refuses a TP of 3 for 16 heads
-        setattr(cfg.data if key == "prefix" else cfg.parallel, key, value)
+        setattr(cfg.data if key in ("prefix", "noise_dir") else cfg.parallel, key, value)
     plan = make_plan(cfg, world, env={})
     assert any(expected in p for p in plan.problems), plan.problems
     assert "PROBLEMS" in format_plan(plan)
@@ -378,7 +380,8 @@ def test_dry_run_cli_through_the_driver(shards):
     env = dict(os.environ, SLURM_NTASKS="32")
     env.pop("WORLD_SIZE", None)
     out = subprocess.run([sys.executable, "-m", "megatron_speech.pretrain", "--config", "configs/xl.yaml",
-                          "--dry-run", f"data.prefix={shards}"], cwd=ROOT, env=env, capture_output=True, text=True)
+                          "--dry-run", f"data.prefix={shards}", "data.noise_dir="], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "world size 32 (SLURM_NTASKS)" in out.stdout and "32 GPUs = TP 1 x DP 32" in out.stdout
     assert "119 GFLOP per audio-second" in out.stdout and out.stdout.rstrip().endswith("ok")
