@@ -138,6 +138,8 @@ def _state(model, optimizer, ema, *, is_loading: bool, with_rng: bool, sharding:
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                                           metadata={SHARDING_KEY: sharding})
+        if not is_loading:
+            _zero_padding(state["optimizer"])
     if ema is not None and ema.enabled:
         state["ema"] = _ema_entries(model_sd, ema)
     if with_rng:
@@ -373,23 +375,39 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, ema
     return common["trainer"]
 
 
-def _without_live_steps(state: dict) -> dict:
-    """megatron-core 0.16.1, dp_reshardable with torch's Adam (no TE/apex): the per-parameter "step" rides along
-    as a non-persistent object holding the *loading* optimizer's own counter, and its loader copies it over the
-    step megatron has just restored from the checkpoint's param groups: Adam's bias correction restarts. Drop
-    those entries so the restored step stays (a resumed step then equals the uninterrupted one)."""
+def _dp_reshardable_entries(state: dict):
+    """Each parameter's (or gap's) entry of a dp_reshardable optimizer state: {"param": .., "exp_avg": ..,
+    "padding": .., ...}, in megatron-core 0.16.1's layout param_state[gbuf][dtype][bucket] = [entry, ...]."""
     chained = [state] if "param_state" in state else [v for v in state.values() if isinstance(v, dict)]
     for opt_state in chained:  # one optimizer's state, or a ChainedOptimizer's {index: state}
         param_state = opt_state.get("param_state")
         if opt_state.get("param_state_sharding_type") != ROUTINE_SHARDING or not param_state:
             continue
         for key, per_dtype in param_state.items():
-            if not isinstance(key, int):
-                continue
-            for buckets in per_dtype.values():
-                for bucket in buckets:
-                    for entry in bucket:
-                        entry.pop("step", None)
+            if isinstance(key, int):
+                for buckets in per_dtype.values():
+                    for bucket in buckets:
+                        yield from bucket
+
+
+def _zero_padding(state: dict) -> None:
+    # megatron fills the gaps between parameters in a bucket with torch.empty: whatever memory held. Nothing
+    # reads them back, but a checkpoint should be a function of the training state (equal runs, equal bytes).
+    for entry in _dp_reshardable_entries(state):
+        padding = entry.get("padding")
+        if getattr(padding, "obj", padding) is True:
+            for value in entry.values():
+                if isinstance(value, ShardedTensor) and value.data is not None:
+                    value.data.zero_()
+
+
+def _without_live_steps(state: dict) -> dict:
+    """megatron-core 0.16.1, dp_reshardable with torch's Adam (no TE/apex): the per-parameter "step" rides along
+    as a non-persistent object holding the *loading* optimizer's own counter, and its loader copies it over the
+    step megatron has just restored from the checkpoint's param groups: Adam's bias correction restarts. Drop
+    those entries so the restored step stays (a resumed step then equals the uninterrupted one)."""
+    for entry in _dp_reshardable_entries(state):
+        entry.pop("step", None)
     return state
 
 
