@@ -5,7 +5,8 @@ Slurm signals every process of a job step, not only the training process (DESIGN
 megatron's checkpoint-writer Manager (spawned at the first save) and wandb's service would die of USR1/TERM, and
 the save at the signal with them. Helpers therefore start with the stop signals blocked (`stop_signals_blocked`
 around their creation: a signal mask is inherited by fork and kept across exec) and DataLoader workers also
-ignore them (`ignore_stop_signals`); only the training process acts on them.
+ignore them (`ignore_stop_signals`); only the training process acts on them. (wandb's Go service unblocks SIGTERM
+itself: monitor.py goes on without wandb when it dies.)
 
 Exit codes, read by launch/*.sbatch (which also maps a rank killed by a signal, e.g. NCCL's watchdog SIGABRT =
 srun exit 134, to the bounded requeue of EXIT_PEER_FAILED: launch/common.sh):"""
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import threading
 from collections.abc import Iterator
 from multiprocessing import resource_tracker
 
@@ -43,11 +43,7 @@ def stop_signals_blocked() -> Iterator[None]:
     """Block SIGUSR1/SIGTERM in the calling thread for the duration: processes started inside (spawned or forked,
     even across exec) inherit the block and survive the signals Slurm sends to every process of the step. In this
     process a signal that arrives meanwhile stays pending and reaches its handler when the block is lifted (other
-    threads may take it earlier; StopSignal's handler only sets a flag). A no-op outside the main thread, where
-    Python cannot run signal handlers anyway."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    threads may take it earlier; StopSignal's handler only sets a flag)."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         # The first spawn starts multiprocessing's resource tracker, which then *unblocks* SIGTERM (SIG_UNBLOCK, not
