@@ -57,7 +57,7 @@ from megatron_speech.training.finetune_step import evaluate, train_step
 from megatron_speech.training.monitor import Monitor
 from megatron_speech.training.optim import build_optimizer, build_scheduler
 from megatron_speech.training.parallelize import sync_params, wrap_for_training
-from megatron_speech.training.signals import EXIT_DIVERGED, EXIT_DONE
+from megatron_speech.training.signals import EXIT_DIVERGED, EXIT_DONE, StopSignal
 
 logger = logging.getLogger("megatron_speech")
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_training(cfg, train)
 
 
-def train(cfg: Config, progress: dict[str, int]) -> int:
+def train(cfg: Config, progress: dict[str, int], stop: StopSignal) -> int:
     """The fine-tuning loop on this rank (process groups formed); returns the exit code (pretrain.train's
     policies: signals, divergence, save failures)."""
     t, p, ft, d = cfg.train, cfg.parallel, cfg.finetune, cfg.data
@@ -241,13 +241,13 @@ def train(cfg: Config, progress: dict[str, int]) -> int:
                 " (encoder frozen)" if frozen else "")
 
     # ddp / optimizer / scheduler are rebuilt when the encoder unfreezes: the lambda reads the current ones
-    def save(at: int) -> None:
+    def save(at: int, reshardable: bool) -> None:
         sync_params(ddp)
         save_checkpoint(t.save_dir, at, ddp, optimizer, scheduler, ema,
                         {"loader": loader.state_dict(), "monitor": monitor.state_dict(), "best": best,
-                         "config": config_to_dict(cfg)}, keep_last=t.keep_last)
+                         "config": config_to_dict(cfg)}, keep_last=t.keep_last, reshardable=reshardable)
 
-    saves = SavePolicy(t, monitor, save)
+    saves = SavePolicy(t, monitor, save, stop)
 
     def validate() -> str | None:
         sync_params(ddp)
@@ -273,7 +273,7 @@ def train(cfg: Config, progress: dict[str, int]) -> int:
             ddp, optimizer, scheduler = build_trainer(model, cfg, False, scheduler.num_steps)
             frozen = False
             logger.info("step %6d | encoder unfrozen: %s parameters trained", step, f"{trainable_count(model):,}")
-        out = train_step(ddp, optimizer, task, next(loader))
+        out = train_step(ddp, optimizer, task, next(loader), stop=stop.requested_here)
         step = progress["step"] = step + 1
         if out["updated"]:
             scheduler.step(increment=1)
@@ -304,7 +304,7 @@ def train(cfg: Config, progress: dict[str, int]) -> int:
             if why:
                 exit_code, reason = saves.early_stop(step, why)
                 break
-        ending = saves.after_step(step)
+        ending = saves.after_step(step, out["stop"])
         if ending:
             exit_code, reason = ending
             break

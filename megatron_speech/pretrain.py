@@ -34,7 +34,7 @@ from megatron_speech.training.ema import EMA
 from megatron_speech.training.monitor import Monitor
 from megatron_speech.training.optim import build_optimizer, build_scheduler
 from megatron_speech.training.parallelize import sync_params, wrap_for_training
-from megatron_speech.training.signals import EXIT_DIVERGED, EXIT_DONE
+from megatron_speech.training.signals import EXIT_DIVERGED, EXIT_DONE, StopSignal
 from megatron_speech.training.step import evaluate_batches, train_step
 
 logger = logging.getLogger("megatron_speech")
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_training(cfg, train)
 
 
-def train(cfg, progress: dict[str, int]) -> int:
+def train(cfg, progress: dict[str, int], stop: StopSignal) -> int:
     """The training loop on this rank (process groups formed); returns the exit code. Keeps progress["step"]."""
     t, p = cfg.train, cfg.parallel
     rank = dist.get_rank()
@@ -95,19 +95,19 @@ def train(cfg, progress: dict[str, int]) -> int:
     loader = build_pretrain_loader(cfg.data, cfg.model, dp_rank, dp, t.num_micro_batches, tp, t.seed, loader_state,
                                    pin_memory=torch.cuda.is_available())  # to_device then copies asynchronously
     eval_loader = build_eval_loader(cfg.data, cfg.model, dp_rank, dp, tp, t.seed) if t.eval_interval > 0 else None
-    def save(at: int) -> None:
+    def save(at: int, reshardable: bool) -> None:
         sync_params(ddp)
         save_checkpoint(t.save_dir, at, ddp, optimizer, scheduler, ema,
                         {"loader": loader.state_dict(), "monitor": monitor.state_dict(), "config": config_to_dict(cfg)},
-                        keep_last=t.keep_last)
+                        keep_last=t.keep_last, reshardable=reshardable)
 
-    saves = SavePolicy(t, monitor, save)
+    saves = SavePolicy(t, monitor, save, stop)
 
     exit_code, reason = EXIT_DONE, f"reached train.max_steps={t.max_steps}"
     while step < t.max_steps:
         temperature = gumbel_temperature(cfg.model, step)
         model.quantizer.temperature = temperature
-        out = train_step(ddp, optimizer, next(loader))
+        out = train_step(ddp, optimizer, next(loader), stop=stop.requested_here)
         step = progress["step"] = step + 1
         if out["updated"]:
             scheduler.step(increment=1)
@@ -133,7 +133,7 @@ def train(cfg, progress: dict[str, int]) -> int:
             if why:
                 exit_code, reason = saves.early_stop(step, why)
                 break
-        ending = saves.after_step(step)
+        ending = saves.after_step(step, out["stop"])
         if ending:
             exit_code, reason = ending
             break

@@ -6,6 +6,7 @@ Small int16 IndexedDataset shards + manifests are written here in the format of 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -386,14 +387,10 @@ def _spawned_children() -> list[psutil.Process]:
     return out
 
 
-def test_workers_survive_slurm_signals(corpus):
-    """Slurm sends USR1 (time-limit warning) and TERM (preemption) to every process of the step: the workers must
-    keep serving batches while the training process finishes its step and saves. Signalled without pause from
-    the moment they are spawned (while they still import torch, before any worker_init_fn) until the end."""
-    cfg = data_cfg(corpus, speed_perturb=[0.9, 1.1], noise_dir=corpus["noise_dir"], noise_prob=0.5)
-    common = dict(dp_rank=0, dp_size=1, num_micro_batches=2, tp_size=1, seed=5)
-    in_process = take(build_pretrain_loader(cfg, MODEL, **common), 4)
-    loader = build_pretrain_loader(dataclasses.replace(cfg, num_workers=2), MODEL, **common)
+@contextlib.contextmanager
+def slurm_signals_to_children():
+    """USR1 and TERM to every spawned child of this process, every 50 ms while the block runs (Slurm signals every
+    process of the step); yields the set of pids signalled so far."""
     done, signalled = threading.Event(), set()
 
     def pester():
@@ -410,12 +407,26 @@ def test_workers_survive_slurm_signals(corpus):
     thread = threading.Thread(target=pester, daemon=True)
     thread.start()
     try:
-        got = take(loader, 4)
-        workers = {w.pid for w in loader._it._workers}
-        assert workers <= signalled and all(w.is_alive() for w in loader._it._workers)
+        yield signalled
     finally:
         done.set()
         thread.join()
+
+
+def test_workers_survive_slurm_signals(corpus):
+    """Slurm sends USR1 (time-limit warning) and TERM (preemption) to every process of the step: the workers must
+    keep serving batches while the training process finishes its step and saves. Signalled without pause from
+    the moment they are spawned (while they still import torch, before any worker_init_fn) until the end."""
+    cfg = data_cfg(corpus, speed_perturb=[0.9, 1.1], noise_dir=corpus["noise_dir"], noise_prob=0.5)
+    common = dict(dp_rank=0, dp_size=1, num_micro_batches=2, tp_size=1, seed=5)
+    in_process = take(build_pretrain_loader(cfg, MODEL, **common), 4)
+    loader = build_pretrain_loader(dataclasses.replace(cfg, num_workers=2), MODEL, **common)
+    try:
+        with slurm_signals_to_children() as signalled:
+            got = take(loader, 4)
+            workers = {w.pid for w in loader._it._workers}
+            assert workers <= signalled and all(w.is_alive() for w in loader._it._workers)
+    finally:
         loader.close()
     assert_same(in_process, got)
     # the loader still ends its workers (cooperatively: they ignore TERM)

@@ -84,9 +84,9 @@ def _rank(rank: int, world_size: int, use_distributed_optimizer: bool):
     # the step's global masked count, as train_step gets it (one all-reduce of the masks' counts before the step)
     (counted, _, _), _ = agree(batch_counts(mine))
     assert counted == total, (counted, total)
-    forward_backward_no_pipelining(forward_step_func=partial(forward_step, normalizer=counted), data_iterator=iter(mine),
-                                   model=model,
-                                   num_microbatches=len(mine), seq_length=0, micro_batch_size=0)
+    forward_backward_no_pipelining(forward_step_func=partial(forward_step, normalizer=counted),
+                                   data_iterator=iter(mine), model=model, num_microbatches=len(mine), seq_length=0,
+                                   micro_batch_size=0)
     grads = {}
     if not use_distributed_optimizer:  # with it, each rank's buffer holds only its reduce-scattered shard
         grads = {n: p.main_grad.clone() for n, p in model.module.named_parameters()}

@@ -188,6 +188,34 @@ def test_padded_batches_budget_frames_and_targets(tmp_path):
             assert (batch["target_min_frames"] >= batch["target_lengths"]).all()
 
 
+def test_finetune_workers_survive_slurm_signals(tmp_path):
+    """As pre-training's loader (tests/test_data_loader.py): Slurm's USR1/TERM reach every process of the step, and
+    a dead worker would make torch raise in the training process before it saved."""
+    from megatron_speech.data.finetune_data import build_finetune_loader, labeled_split
+    from megatron_speech.finetune import load_finetune_config
+    from megatron_speech.tasks.task import Task, collect_labels
+    from tests.test_data_loader import slurm_signals_to_children
+
+    prefix = synthetic_corpus(tmp_path, num_train=20, num_valid=4)
+    cfg = load_finetune_config(str(ROOT / "configs/finetune/phoneme.yaml"),
+                               ["pretrained=none", f"data.prefix={prefix}", "data.max_tokens=64000",
+                                "data.max_sample_seconds=4", "train.num_micro_batches=2"])
+    split = labeled_split([prefix], "train", "phonemes", 8000, 64000)
+    cfg.finetune.labels = collect_labels("phoneme", split.labels)
+    task = Task.from_config(cfg.finetune)
+    expected = [next(build_finetune_loader(split, task, cfg, 0, 1, 1)) for _ in range(1)]
+    cfg.data.num_workers = 2
+    loader = build_finetune_loader(split, task, cfg, 0, 1, 1)
+    with slurm_signals_to_children() as signalled:
+        got = [next(loader) for _ in range(1)]
+        workers = list(loader._it._workers)
+        assert {w.pid for w in workers} <= signalled and all(w.is_alive() for w in workers)
+    for want, have in zip(expected[0], got[0], strict=True):
+        assert want.keys() == have.keys()
+        for key, value in want.items():
+            assert torch.equal(value, have[key]) if torch.is_tensor(value) else value == have[key], key
+
+
 # ------------------------------------------------------------------------------------------ model pieces
 
 

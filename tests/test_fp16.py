@@ -18,10 +18,11 @@ pytestmark = pytest.mark.slow
 LR = 5e-3  # an update well above fp16's spacing at the tiny model's weight sizes (~2e-5 near 0.02)
 
 
-def _step_figures(ddp, optimizer, model, step_fn) -> dict:
+def _step_figures(model, step_fn, optimizer, *args) -> dict:
+    """One step_fn(ddp, optimizer, ...) and what fp16 must match: grad norm, update of the weight matrices."""
     matrices = {n: p for n, p in model.named_parameters() if p.dim() >= 2 and p.requires_grad}
     before = {n: p.detach().float().clone() for n, p in matrices.items()}
-    out = step_fn()
+    out = step_fn(*args[:1], optimizer, *args[1:])
     return {"grad_norm": out["grad_norm"], "updated": out["updated"],
             "loss_scale": float(optimizer.get_loss_scale()),
             "update": {n: p.detach().float() - before[n] for n, p in matrices.items()}}
@@ -57,7 +58,7 @@ def _pretrain_pair(rank: int, world: int, *overrides: str) -> dict:
             _copy_weights(model, weights)
         ddp = wrap_for_training(model, cfg.parallel.use_distributed_optimizer)
         optimizer = build_optimizer(ddp, cfg.optim, cfg.train, cfg.parallel)
-        results[precision] = _step_figures(ddp, optimizer, model, lambda: train_step(ddp, optimizer, batches))
+        results[precision] = _step_figures(model, train_step, optimizer, ddp, batches)
     return results
 
 
@@ -72,7 +73,8 @@ def _finetune_pair(rank: int, world: int, prefix: str, task_name: str, label_key
     for precision in ("fp32", "fp16"):
         cfg = load_finetune_config(str(ROOT / f"configs/finetune/{task_name}.yaml"), [
             "pretrained=none", f"data.prefix={prefix}", "data.max_tokens=64000", "data.max_sample_seconds=4",
-            "model.dropout=0", "model.attention_dropout=0", "model.feature_proj_dropout=0", "mask_prob=0", "final_dropout=0",
+            "model.dropout=0", "model.attention_dropout=0", "model.feature_proj_dropout=0", "mask_prob=0",
+            "final_dropout=0",
             f"optim.lr={LR}", "optim.warmup_steps=0", f"train.precision={precision}", *overrides])
         if weights is None:
             initialize_parallel(1, cfg.train.seed)
@@ -88,7 +90,7 @@ def _finetune_pair(rank: int, world: int, prefix: str, task_name: str, label_key
         ddp, optimizer, _ = build_trainer(model, cfg, frozen=False)
         for group in optimizer.param_groups:  # the scheduler starts at lr 0 (warmup): one step at optim.lr
             group["lr"] = LR
-        results[precision] = _step_figures(ddp, optimizer, model, lambda: train_step(ddp, optimizer, task, batch))
+        results[precision] = _step_figures(model, train_step, optimizer, ddp, task, batch)
     return results
 
 
@@ -111,9 +113,11 @@ def test_fp16_pretraining_step_matches_fp32():
 
 
 # CTC at the sentence level (fairseq's sentence_avg) sums each utterance's loss over its frames: from an untrained
-# encoder, residual-stream gradients of the per-utterance mean reach ~6, and 6 x 2^16 overflows fp16 (max 65504).
+# encoder, residual-stream gradients of the per-utterance mean reach ~6, and 6 x 2^16 overflows fp16 (max
+# 65504).
 # The dynamic scaler backs off to such a scale in a few skipped steps (as fairseq's does); the test starts there.
-@pytest.mark.parametrize("task_name,label_key,scale", [("speaker", "speaker", 2.0**16), ("phoneme", "phonemes", 2.0**12)])
+@pytest.mark.parametrize("task_name,label_key,scale",
+                         [("speaker", "speaker", 2.0**16), ("phoneme", "phonemes", 2.0**12)])
 def test_fp16_finetuning_step_matches_fp32(tmp_path, task_name, label_key, scale):
     from tests.test_finetune import synthetic_corpus
 

@@ -257,17 +257,23 @@ def test_failed_dry_run_starts_nothing(fakes):
     assert not any("megatron_speech.pretrain" in c for c in calls(log)), calls(log)
 
 
-def test_usr1_to_the_batch_shell_reaches_the_training(fakes):
-    """`--signal=B:USR1@N` / `scancel --batch --signal=USR1`: the batch shell forwards it to the step."""
-    env, log = fakes
+def _signal_the_batch_shell(env: dict, log, sig: int) -> tuple[str, subprocess.Popen]:
+    """Run the sbatch script with a training step that waits, send the batch shell `sig`; (output, process)."""
     proc = subprocess.Popen(["bash", "launch/pretrain_xl_4x8.sbatch"], cwd=ROOT, env=dict(env, FAKE_WAIT_SIGNAL="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 30
     while "python waiting" not in calls(log):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
         time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=30)
+    return out, proc
+
+
+def test_usr1_to_the_batch_shell_reaches_the_training(fakes):
+    """`--signal=B:USR1@N` / `scancel --batch --signal=USR1`: the batch shell forwards it to the step."""
+    env, log = fakes
+    out, proc = _signal_the_batch_shell(env, log, signal.SIGUSR1)
     assert "python got USR1" in calls(log), out
     assert "scontrol requeue 4242" in calls(log) and proc.returncode == 0, out
 
@@ -275,14 +281,7 @@ def test_usr1_to_the_batch_shell_reaches_the_training(fakes):
 def test_term_to_the_batch_shell_leaves_the_decision_to_slurm(fakes):
     """scancel / Slurm's own preemption TERM the batch shell too: a rank's 143 then is not a failure to requeue."""
     env, log = fakes
-    proc = subprocess.Popen(["bash", "launch/pretrain_xl_4x8.sbatch"], cwd=ROOT, env=dict(env, FAKE_WAIT_SIGNAL="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 30
-    while "python waiting" not in calls(log):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
+    out, proc = _signal_the_batch_shell(env, log, signal.SIGTERM)
     assert "python got TERM" in calls(log), out
     assert "after TERM to the job: Slurm ends or requeues it" in out, out
     assert not any("requeue" in c for c in calls(log)) and proc.returncode == 143, out

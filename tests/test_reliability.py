@@ -333,7 +333,7 @@ from types import SimpleNamespace
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron_speech.training.driver import SavePolicy
 
-def write(step):
+def write(step, reshardable):
     # What megatron's writer does at a process's first save: spawn its results-queue Manager process.
     filesystem_async._get_write_results_queue()
     os.kill(os.getpid(), signal.SIGUSR1)  # Slurm's warning lands in the middle of the save

@@ -38,11 +38,12 @@ from torch.utils.data import DataLoader
 
 from megatron_speech.data.augment import Augmenter, list_noise_files
 from megatron_speech.data.dataset import AudioShards, manifest_path
-from megatron_speech.data.loader import collate_waveforms, frame_padding_mask
+from megatron_speech.data.loader import collate_waveforms, frame_padding_mask, start_workers
 from megatron_speech.data.sampler import DynamicBatchSampler, Position, Slot
 from megatron_speech.models.wav2vec2.config import SAMPLE_RATE, Wav2Vec2Config
 from megatron_speech.models.wav2vec2.masker import compute_span_mask, counter_rng
 from megatron_speech.tasks.task import Task
+from megatron_speech.training.signals import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -354,7 +355,9 @@ def _identity(x: Any) -> Any:
 def _data_loader(dataset, sampler, num_workers: int, prefetch: int) -> DataLoader:
     kwargs: dict[str, Any] = {}
     if num_workers > 0:  # spawn, never fork: the parent holds process groups and threads
-        kwargs = {"multiprocessing_context": "spawn", "prefetch_factor": max(2, math.ceil(prefetch / num_workers))}
+        # workers ignore Slurm's USR1/TERM (and are spawned with them blocked, start_workers): loader.py says why
+        kwargs = {"multiprocessing_context": "spawn", "prefetch_factor": max(2, math.ceil(prefetch / num_workers)),
+                  "worker_init_fn": ignore_stop_signals}
     # Its own generator: creating a DataLoader iterator draws a base seed, and from the default generator that
     # draw would shift dropout after a resume (the iterator is created after the RNG state is restored). Batches
     # are pure functions of their slot: the seed is never used.
@@ -376,7 +379,8 @@ class FinetuneLoader:
     def __next__(self) -> list[dict[str, Any]]:
         if self._it is None:
             stream = _SlotStream(self.sampler, self.sampler.position)
-            self._it = iter(_data_loader(self.builder, stream, self.num_workers, 2 * self.sampler.num_micro_batches))
+            loader = _data_loader(self.builder, stream, self.num_workers, 2 * self.sampler.num_micro_batches)
+            self._it = start_workers(loader)
         batches = [next(self._it) for _ in range(self.sampler.num_micro_batches)]
         self.sampler.position = batches[-1].pop("_after")
         for b in batches[:-1]:

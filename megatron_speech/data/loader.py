@@ -211,7 +211,7 @@ def _data_loader(builder: MicroBatchBuilder, stream: torch.utils.data.Sampler, n
     if num_workers > 0:
         # spawn: workers share nothing with a parent that may hold CUDA contexts, process groups or threads.
         # ignore_stop_signals: a worker killed by Slurm's USR1/TERM would make torch raise in the training process
-        # before it could save (the iterator must also be created under stop_signals_blocked: see _start).
+        # before it could save (the iterator must also be created under stop_signals_blocked: see start_workers).
         kwargs = {"multiprocessing_context": "spawn", "prefetch_factor": max(2, math.ceil(prefetch / num_workers)),
                   "worker_init_fn": ignore_stop_signals}
     # A private generator: iterating a DataLoader draws its workers' base seed from the generator it is given,
@@ -222,7 +222,7 @@ def _data_loader(builder: MicroBatchBuilder, stream: torch.utils.data.Sampler, n
                       generator=torch.Generator(), **kwargs)
 
 
-def _start(loader: DataLoader) -> Iterator[dict[str, Any]]:
+def start_workers(loader: DataLoader) -> Iterator[dict[str, Any]]:
     """iter(loader), its workers spawned with SIGUSR1/SIGTERM blocked: a worker takes seconds to import torch and
     reach worker_init_fn, and a signal in that window would kill it (the block is inherited across exec)."""
     with stop_signals_blocked():
@@ -255,7 +255,7 @@ class PretrainLoader:
     def __next__(self) -> list[dict[str, Any]]:
         if self._it is None:
             stream = _SlotStream(self.sampler, self.sampler.position)
-            self._it = _start(_data_loader(self.builder, stream, self.num_workers, 2 * self.num_micro_batches))
+            self._it = start_workers(_data_loader(self.builder, stream, self.num_workers, 2 * self.num_micro_batches))
         batches = [next(self._it) for _ in range(self.num_micro_batches)]
         for m, batch in enumerate(batches):
             assert (batch["step"], batch["micro_step"]) == (self.step, m), (batch["step"], batch["micro_step"])
@@ -294,7 +294,7 @@ class EvalLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         loader = _data_loader(self.builder, _EvalStream(self.batches, self.dp_rank, self.dp_size),
                               self.num_workers, 2)
-        for batch in _start(loader):
+        for batch in start_workers(loader):
             batch.pop("_after")
             yield _as_tensors(batch, self.pin_memory)
 

@@ -3,11 +3,12 @@ forward_backward_no_pipelining with per-token loss normalization, where the "tok
 
 Loss normalization: the loss is summed over the micro-batch's utterances (CTC: each utterance's negative
 log-likelihood over its whole label sequence, fairseq's `sentence_avg`; classification: the cross-entropy of each
-utterance) and divided by the global utterance count of the step (one all-reduce before it, step.agree), so the
-update is the mean per utterance over the global batch whatever the DP layout and the micro-batch sizes, and
-backward magnitudes are a mean's (fp16's loss scale: step.py). On a TP group every rank runs the head on the same gathered sequence (models/wav2vec2/heads.py)
-and reports 1/tp of the loss: the gradients then add up to one copy (encoder through the gather's reduce-scatter,
-head through the TP sum of partial gradients), and summing reported numbers over all ranks gives global totals.
+utterance) and divided by the global utterance count of the step (one all-reduce before it, step.agree), so
+the update is the mean per utterance over the global batch whatever the DP layout and the micro-batch sizes, and
+backward magnitudes are a mean's (fp16's loss scale: step.py). On a TP group every rank runs the head on the same
+gathered sequence (models/wav2vec2/heads.py) and reports 1/tp of the loss: the gradients then add up to one copy
+(encoder through the gather's reduce-scatter, head through the TP sum of partial gradients), and summing reported
+numbers over all ranks gives global totals.
 CTC alignments that cannot exist (more tokens + repeats than frames) contribute 0 (zero_infinity) and are counted.
 """
 

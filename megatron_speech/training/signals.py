@@ -1,5 +1,6 @@
 """Stop requests (SIGUSR1 / SIGTERM from Slurm or a user) turned into a decision every rank takes at the same
-step: the local flag is all-reduced (MAX), so no rank saves at a different step or waits in a collective alone.
+step: the local flag rides the all-reduce that opens every step (step.agree), so no rank saves at a different step
+or waits in a collective alone.
 
 Slurm signals every process of a job step, not only the training process (DESIGN §9): DataLoader workers,
 megatron's checkpoint-writer Manager (spawned at the first save) and wandb's service would die of USR1/TERM, and
@@ -18,8 +19,6 @@ import signal
 from collections.abc import Iterator
 from multiprocessing import resource_tracker
 
-import torch
-import torch.distributed as dist
 
 EXIT_DONE = 0
 """max_steps reached, or early-stopped: do not requeue."""
@@ -63,7 +62,10 @@ def ignore_stop_signals(*_) -> None:
 
 
 class StopSignal:
-    """Installs handlers for SIGUSR1 and SIGTERM that only set a flag; `requested()` is a collective."""
+    """Handlers for SIGUSR1 and SIGTERM that only set this rank's flag (`requested_here`). The ranks agree on it in
+    the all-reduce that opens every training step (step.agree), so all of them stop after the same step with no
+    collective of its own. Installed at the top of the entry point (driver.run_training): a warning that lands
+    while the model builds or the data loads is kept for the first step instead of killing the process."""
 
     def __init__(self, enabled: bool = True):
         self._flag = False
@@ -76,10 +78,7 @@ class StopSignal:
         self._flag = True
         self.signal_name = signal.Signals(signum).name
 
-    def requested(self) -> bool:
-        from megatron_speech.parallel.initialize import compute_device  # here: DataLoader workers import this module
-
-        flag = torch.tensor(1 if self._flag else 0, dtype=torch.int32, device=compute_device())  # NCCL: on the GPU
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    @property
+    def requested_here(self) -> bool:
+        """Whether this rank got a stop signal (no collective)."""
+        return self._flag
