@@ -232,6 +232,10 @@ def test_master_port_outside_the_ephemeral_range(monkeypatch):
     any outgoing connection on the node."""
     from megatron_speech.parallel import initialize
 
+    # env_from_slurm writes these into os.environ itself: registered with monkeypatch first, so that they are
+    # restored (absent) after the test and cannot reach later tests' subprocesses
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
+        monkeypatch.setenv(key, "")
     ports = set()
     for job in (0, 1, 12_767, 12_768, 13_000, 19_999, 20_000, 31_999, 987_654_321):
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):

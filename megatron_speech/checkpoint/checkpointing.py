@@ -456,12 +456,13 @@ def _drop_absent_extra_state(path: Path, template: dict, saved_keys: set[str]) -
 
 def _load_module_state(path: Path, module: torch.nn.Module, state: dict) -> None:
     # torch's strict load would refuse the missing _extra_state entries dropped above; everything else must
-    # match exactly.
-    result = module.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith(EXTRA_STATE)]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"loading {path}: the model lacks {result.unexpected_keys[:8]} and the checkpoint lacks "
-                         f"{missing[:8]}")
+    # match exactly (torch's strict=False also leaves its missing/unexpected lists empty: compare the keys here).
+    expected = set(module.state_dict().keys())
+    missing = sorted(k for k in expected - state.keys() if not k.endswith(EXTRA_STATE))
+    unexpected = sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise ValueError(f"loading {path}: the model lacks {unexpected[:8]} and the checkpoint lacks {missing[:8]}")
+    module.load_state_dict(state, strict=False)
 
 
 def _materialize_optimizer_state(optimizer) -> None:
