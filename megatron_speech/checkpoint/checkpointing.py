@@ -44,7 +44,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing.dict_utils import extract_matching_values, nested_values
+from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, extract_matching_values, merge, \
+    nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedBase, ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.serialization import (
     get_default_load_sharded_strategy,
@@ -344,9 +345,11 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, ema
         template["ema"] = _ema_entries(model_sd, ema)
     if restore_rng:
         template["rng"] = _rng_entry()
-    template = _drop_absent_extra_state(path, template, saved_keys)
+    template, fresh = _drop_absent_extra_state(path, template, saved_keys)
     loaded = dist_checkpointing.load(template, str(path), sharded_strategy=_load_strategy(path))
-    _load_module_state(path, _unwrap(model), loaded["model"])
+    # strict: every key the module has must come from the checkpoint, but for the _extra_state entries dropped
+    # above, which take the module's own fresh values
+    _unwrap(model).load_state_dict(merge(loaded["model"], fresh))
     if optimizer is not None:
         try:
             # dp_reshardable's loader copies into the fp32 main params (views of leaves that require grad)
@@ -431,14 +434,15 @@ def _check_reshardable(path: Path, common: dict, sharding: str, optimizer) -> No
             "from its weights with train.init_checkpoint")
 
 
-def _drop_absent_extra_state(path: Path, template: dict, saved_keys: set[str]) -> dict:
+def _drop_absent_extra_state(path: Path, template: dict, saved_keys: set[str]) -> tuple[dict, dict]:
     """The template without the TE `_extra_state` objects the checkpoint lacks (a local-spec or converted
-    checkpoint loaded into a TE model: those modules keep their fresh state). Any other key the checkpoint lacks
-    is a ValueError naming it, raised before anything is read (torch would only say "Missing key" mid-load)."""
+    checkpoint loaded into a TE model), and those entries' fresh values (the module's own, to load back in their
+    place). Any other key the checkpoint lacks is a ValueError naming it, raised before anything is read (torch
+    would only say "Missing key" mid-load)."""
     wanted = {v.key for v in nested_values(template) if isinstance(v, ShardedBase)}
     absent = wanted - saved_keys
     if not absent:
-        return template
+        return template, {}
     others = sorted(k for k in absent if not k.endswith(EXTRA_STATE))
     if others:
         raise ValueError(f"{path} lacks {len(others)} key(s) this model needs: {', '.join(others[:8])}"
@@ -450,19 +454,10 @@ def _drop_absent_extra_state(path: Path, template: dict, saved_keys: set[str]) -
                     "their fresh state: %s", path, EXTRA_STATE, len(absent), ", ".join(sorted(absent)[:4]))
     # as megatron's validation.adjust_non_strict_load (which expects a template of sharded entries only); only
     # the model has _extra_state
-    kept = extract_matching_values(template["model"], lambda v: not (isinstance(v, ShardedBase) and v.key in absent))
-    return dict(template, model=kept[0])
-
-
-def _load_module_state(path: Path, module: torch.nn.Module, state: dict) -> None:
-    # torch's strict load would refuse the missing _extra_state entries dropped above; everything else must
-    # match exactly (torch's strict=False also leaves its missing/unexpected lists empty: compare the keys here).
-    expected = set(module.state_dict().keys())
-    missing = sorted(k for k in expected - state.keys() if not k.endswith(EXTRA_STATE))
-    unexpected = sorted(state.keys() - expected)
-    if missing or unexpected:
-        raise ValueError(f"loading {path}: the model lacks {unexpected[:8]} and the checkpoint lacks {missing[:8]}")
-    module.load_state_dict(state, strict=False)
+    kept, dropped = extract_matching_values(template["model"],
+                                            lambda v: not (isinstance(v, ShardedBase) and v.key in absent))
+    dict_list_map_inplace(lambda v: v.data if isinstance(v, ShardedBase) else v, dropped)
+    return dict(template, model=kept), dropped
 
 
 def _materialize_optimizer_state(optimizer) -> None:
