@@ -24,8 +24,8 @@
 # do, USR1 straight to the ranks needs no file on shared storage polled every step. So helpers start with
 # USR1/TERM blocked (the mask is inherited across fork and exec) and DataLoader workers ignore them; only the
 # training processes act (megatron_speech/training/signals.py). wandb's service unblocks TERM itself (a Go
-# program) and dies of preemption: the training process then goes on without it (metrics.jsonl has every step). A USR1 sent to the batch shell alone
-# (`scancel --batch --signal=USR1`) is forwarded to the step by ms_run_step.
+# program) and dies of preemption: the training process then goes on without it (metrics.jsonl has every step).
+# A USR1 sent to the batch shell alone (`scancel --batch --signal=USR1`) is forwarded to the step by ms_run_step.
 #
 # Requeue protocol (the driver's exit codes, megatron_speech/training/signals.py):
 #   0  done (train.max_steps reached, or early-stopped)           -> the job ends COMPLETED
