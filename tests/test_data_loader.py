@@ -441,7 +441,10 @@ def test_a_bad_noise_dir_fails_before_the_manifests_load(corpus, tmp_path, monke
     def no_load(*args, **kwargs):
         raise AssertionError("the manifests were loaded before data.noise_dir was checked")
 
-    monkeypatch.setattr(loader_module, "AudioShards", no_load)
+    monkeypatch.setattr(loader_module, "Corpus", no_load)
+    with pytest.raises(FileNotFoundError, match=r"data.noise_dir='.*/musan' is neither a MUSAN folder"):
+        build_pretrain_loader(data_cfg(corpus, noise_dir=str(tmp_path / "musan")), MODEL, 0, 1, 1, 1, seed=0)
+    (tmp_path / "musan").mkdir()
     with pytest.raises(FileNotFoundError, match=r"data.noise_dir='.*/musan' has no noise/ folder"):
         build_pretrain_loader(data_cfg(corpus, noise_dir=str(tmp_path / "musan")), MODEL, 0, 1, 1, 1, seed=0)
     loader_module.check_noise_dir(data_cfg(corpus, noise_dir=corpus["noise_dir"]))  # a good one passes

@@ -7,9 +7,10 @@ the same in any worker, with any number of workers, and after a resume. Each utt
 of uniforms (speed, crop offset, noise gate, noise kind), so turning one augmentation on or off does not move the
 crop of another utterance, nor this utterance's crop when speed perturbation is off.
 
-Noise (Kaldi's MUSAN recipe, egs/voxceleb/v2): a folder with noise/, music/ and speech/ (searched recursively).
-"noise": one noise/ file at an SNR in data.noise_snr_db; "music": one music/ file in data.music_snr_db; "babble":
-3-7 speech/ files, each at its own SNR in data.babble_snr_db, summed. A file shorter than the crop is looped.
+Noise (Kaldi's MUSAN recipe, egs/voxceleb/v2): a folder with noise/, music/ and speech/ (searched recursively),
+packed into shards once and memory-mapped (data/noise.py). "noise": one noise/ clip at an SNR in data.noise_snr_db;
+"music": one music/ clip in data.music_snr_db; "babble": 3-7 speech/ clips, each at its own SNR in
+data.babble_snr_db, summed. A clip shorter than the crop is looped.
 """
 
 from __future__ import annotations
@@ -19,13 +20,12 @@ import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import soundfile
 import soxr
 
 from megatron_speech.models.wav2vec2.config import SAMPLE_RATE
 
 NOISE_KINDS = ("noise", "music", "babble")
-_FOLDER_OF_KIND = {"noise": "noise", "music": "music", "babble": "speech"}
+FOLDER_OF_KIND = {"noise": "noise", "music": "music", "babble": "speech"}
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", ".aif")
 # Extra source samples read around a speed-perturbed crop: soxr returns round(n / factor) samples, and
 # ceil(T * factor) + 2 source samples always give at least T + 1.
@@ -39,11 +39,11 @@ def list_noise_files(noise_dir: str, kinds: Sequence[str]) -> dict[str, list[str
     """
     files: dict[str, list[str]] = {}
     for kind in kinds:
-        if kind not in _FOLDER_OF_KIND:
+        if kind not in FOLDER_OF_KIND:
             raise ValueError(f"data.noise_types: unknown kind {kind!r}; expected some of {list(NOISE_KINDS)}")
-        folder = os.path.join(noise_dir, _FOLDER_OF_KIND[kind])
+        folder = os.path.join(noise_dir, FOLDER_OF_KIND[kind])
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"data.noise_dir={noise_dir!r} has no {_FOLDER_OF_KIND[kind]}/ folder, needed "
+            raise FileNotFoundError(f"data.noise_dir={noise_dir!r} has no {FOLDER_OF_KIND[kind]}/ folder, needed "
                                     f"for {kind!r} noise (MUSAN layout: noise/, music/, speech/); remove "
                                     f"{kind!r} from data.noise_types to go without")
         found = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
@@ -53,32 +53,6 @@ def list_noise_files(noise_dir: str, kinds: Sequence[str]) -> dict[str, list[str
                              "noise; remove it from data.noise_types to go without")
         files[kind] = found
     return files
-
-
-def load_noise(path: str) -> np.ndarray:
-    """A noise file as mono 16 kHz int16 (channels averaged, resampled with soxr)."""
-    try:
-        audio, rate = soundfile.read(path, dtype="float32", always_2d=True)
-    except Exception as e:  # soundfile raises several types for broken files
-        raise ValueError(f"cannot read noise file {path}: {e}") from None
-    audio = audio.mean(axis=1)
-    if rate != SAMPLE_RATE:
-        audio = soxr.resample(audio, rate, SAMPLE_RATE)
-    if audio.size == 0:
-        raise ValueError(f"noise file {path} holds no audio: remove it from the noise folder")
-    return np.clip(np.round(audio * 32768.0), -32768, 32767).astype(np.int16)
-
-
-# Per-process cache: each DataLoader worker (and the main process when num_workers=0) decodes the noise files
-# once, on first use, and keeps them as int16 (half the memory of float32).
-_NOISE_CACHE: dict[str, np.ndarray] = {}
-
-
-def _noise_audio(path: str) -> np.ndarray:
-    audio = _NOISE_CACHE.get(path)
-    if audio is None:
-        audio = _NOISE_CACHE[path] = load_noise(path)
-    return audio
 
 
 def _segment(audio: np.ndarray, num_samples: int, rng: np.random.Generator) -> np.ndarray:
@@ -115,7 +89,7 @@ class Augmenter:
     speed_factors: factors drawn uniformly per utterance (1.0 = unchanged; > 1 = faster and shorter), applied by
     resampling with soxr (tempo and pitch change together, as Kaldi's/fairseq's speed perturbation). A factor is
     lowered, for that utterance only, to what its audio can supply: a crop never runs past the utterance.
-    noise_files: {kind: files} from list_noise_files ({} = no noise); noise_prob: chance per utterance;
+    noise: a data/noise.py NoiseBank (clips per kind; None = no noise); noise_prob: chance per utterance;
     *_snr_db: (low, high) per kind; babble_num_speakers: (min, max) speech files per babble.
     normalize_eps: None = no normalization, else the variance epsilon of the per-utterance normalization.
     """
@@ -123,7 +97,7 @@ class Augmenter:
     def __init__(
         self,
         speed_factors: Sequence[float] = (),
-        noise_files: dict[str, list[str]] | None = None,
+        noise=None,
         noise_prob: float = 0.0,
         noise_snr_db: tuple[float, float] = (0.0, 15.0),
         music_snr_db: tuple[float, float] = (5.0, 15.0),
@@ -134,9 +108,9 @@ class Augmenter:
         if any(f <= 0 for f in speed_factors):
             raise ValueError(f"data.speed_perturb={list(speed_factors)}: factors must be > 0")
         self.speed_factors = [float(f) for f in speed_factors]
-        self.noise_files = dict(noise_files or {})
-        self.noise_kinds = sorted(self.noise_files, key=NOISE_KINDS.index)
-        self.noise_prob = float(noise_prob) if self.noise_files else 0.0
+        self.noise = noise
+        self.noise_kinds = [] if noise is None else list(noise.kinds)
+        self.noise_prob = float(noise_prob) if self.noise_kinds else 0.0
         self.snr_db = {"noise": noise_snr_db, "music": music_snr_db, "babble": babble_snr_db}
         self.babble_num_speakers = babble_num_speakers
         self.normalize_eps = normalize_eps
@@ -187,16 +161,16 @@ class Augmenter:
         return speed
 
     def _add_noise(self, x: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
-        files = self.noise_files[kind]
+        bank, count = self.noise, self.noise.count(kind)
         low, high = self.snr_db[kind]
         if kind != "babble":
-            noise = _segment(_noise_audio(files[int(rng.integers(0, len(files)))]), len(x), rng)
+            noise = _segment(bank.audio(kind, int(rng.integers(0, count))), len(x), rng)
             return x + noise_at_snr(x, noise, float(rng.uniform(low, high)))
         lo, hi = self.babble_num_speakers
-        count = int(rng.integers(lo, hi + 1))
+        speakers = int(rng.integers(lo, hi + 1))
         babble = np.zeros_like(x)
-        for i in rng.choice(len(files), size=count, replace=len(files) < count):
+        for i in rng.choice(count, size=speakers, replace=count < speakers):
             # Each speaker at its own SNR against the utterance, then summed (Kaldi's background noises).
-            speech = _segment(_noise_audio(files[int(i)]), len(x), rng)
+            speech = _segment(bank.audio(kind, int(i)), len(x), rng)
             babble += noise_at_snr(x, speech, float(rng.uniform(low, high)))
         return x + babble

@@ -1,18 +1,21 @@
-"""Utterances of one or more preprocessed prefixes: int16 IndexedDataset shards + JSON-lines manifests (DESIGN §2).
+"""Utterances of one or more preprocessed prefixes: int16 IndexedDataset shards + their utterance index (DESIGN §2).
 
-    shards = AudioShards(["/data/en", "/data/fr"], "train", min_samples=32_000)
-    shards.lengths[i]                  # samples (16 kHz) of utterance i
-    shards.read(i, offset, count)      # int16 view into the mmap'd shard: zero-copy
-    shards.id(i), shards.labels(i)     # {"language": "en", "speaker": ...} (only the labels present)
+    corpus = Corpus(["/data/en", "/data/fr"], "train")   # every utterance, as the index lists them (pre-training)
+    corpus.lengths[i], corpus.read(i, offset, count), corpus.id(i), corpus.languages[i]
+    shards = AudioShards(["/data/en"], "train", min_samples=32_000)   # those of at least min_samples, with labels
+    shards.lengths[i], shards.read(i, offset, count), shards.id(i), shards.labels(i)
 
 Layout written by tools/preprocess_audio.py (DESIGN §11): shards `PREFIX_{split}_{NNNNN}.{bin,idx}` (one sequence per
-utterance) and `PREFIX_{split}.manifest.jsonl`, one object per utterance with `shard` (the shard's path without
+utterance), `PREFIX_{split}.manifest.jsonl` (one object per utterance with `shard` (the shard's path without
 extension, relative to the manifest's folder), `index` (position in that shard), `id`, `source`, `samples`,
-`orig_sample_rate`, `orig_channels`, and optional labels. The manifest is the source of truth: a shard it does not
-name is reported, an entry it cannot honour is an error naming the file and line.
+`orig_sample_rate`, `orig_channels`, optional `parent`/`offset` (a segment of a longer recording) and labels), and
+the binary utterance index `PREFIX_{split}.index` (data/index.py), rebuilt from the manifest when missing or stale.
+The manifest is the source of truth: an entry it cannot honour is an error naming the file and line.
 
-Per-utterance strings (ids, labels) live in one bytes blob with offsets rather than in Python objects: a 100k-hour
-corpus holds tens of millions of utterances, and this object is pickled into every DataLoader worker.
+`Corpus` is what a pre-training rank and its DataLoader workers share: everything per utterance lives in the
+memory-mapped index (pages shared by all processes of a node), and a Corpus pickles as its paths, so a worker
+receives a few hundred bytes whatever the corpus size. `AudioShards` adds a kept-utterance selection and any labels
+(parsed from the manifest): for fine-tuning and evaluation sets, which are small.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from megatron_speech.data.index import UtteranceIndex, manifest_path
 from megatron_speech.models.wav2vec2.config import SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
@@ -34,195 +38,210 @@ logger = logging.getLogger(__name__)
 SPLITS = ("train", "valid")
 # Manifest keys that describe the audio rather than label it; every other key is kept as a label.
 _AUDIO_KEYS = ("shard", "index", "id", "source", "samples", "orig_sample_rate", "orig_channels", "audio_hash",
-               "warnings")
-_REQUIRED_KEYS = ("shard", "index", "id", "samples")
+               "warnings", "parent", "offset")
+_GLOB = "*?["
+
+__all__ = ["SPLITS", "AudioShards", "Corpus", "expand_prefixes", "manifest_path"]
 
 
-def manifest_path(prefix: str, split: str) -> str:
-    """`PREFIX_{split}.manifest.jsonl`."""
-    return f"{prefix}_{split}.manifest.jsonl"
+def expand_prefixes(prefix: str | Sequence[str], split: str) -> list[str]:
+    """data.prefix as a list; an entry with a glob pattern (`/data/cv_part*`) becomes the prefixes whose
+    `_{split}.manifest.jsonl` it matches, sorted (the parts of a Slurm-array preprocessing run)."""
+    given = [prefix] if isinstance(prefix, str) else list(prefix)
+    out: list[str] = []
+    for p in given:
+        if not any(c in os.path.basename(p) for c in _GLOB):
+            out.append(p)
+            continue
+        suffix = f"_{split}.manifest.jsonl"
+        found = sorted(m[: -len(suffix)] for m in glob.glob(p + suffix))
+        if not found:
+            raise FileNotFoundError(f"data.prefix pattern {p!r} matches no {split} manifest ({p}{suffix}): check "
+                                    "the path, or run tools/preprocess_audio.py first")
+        out += found
+    return out
 
 
-class StringTable:
-    """An immutable list of optional strings stored as one UTF-8 blob + offsets (None = missing)."""
+class Corpus:
+    """Every utterance of one split of one or more prefixes (concatenated in order), from their indexes.
 
-    def __init__(self, values: Sequence[str | None]) -> None:
-        encoded = [b"" if v is None else v.encode() for v in values]
-        self._present = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
-        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum([len(e) for e in encoded], out=self._offsets[1:])
-        self._blob = b"".join(encoded)
+    Attributes: `prefixes`, `language_names` (sorted, over all prefixes). `lengths` int32 [N] (samples; for one
+    prefix a view into the index, for several a copy made on first use), `languages` int16 [N] (code into
+    language_names, -1 = none) and `prefix_index` int16 [N] are built on first use: a worker needs none of them.
+    Raises FileNotFoundError / ValueError naming the manifest (and line) that cannot be indexed.
+    """
+
+    def __init__(self, prefix: str | Sequence[str], split: str, log=None) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r}: expected one of {list(SPLITS)}")
+        prefixes = expand_prefixes(prefix, split)
+        if not prefixes:
+            raise ValueError("no data prefix given: set data.prefix to the --output-prefix of "
+                             "tools/preprocess_audio.py")
+        self.prefixes, self.split = prefixes, split
+        self.indexes = [UtteranceIndex.open(p, split, log or logger.info) for p in prefixes]
+        for p, index in zip(prefixes, self.indexes, strict=True):
+            if index.unused_shards:
+                warnings.warn(f"{manifest_path(p, split)} names none of the utterances in shard(s) "
+                              f"{index.unused_shards}: their audio is not used", stacklevel=2)
+        self.starts = np.zeros(len(prefixes) + 1, dtype=np.int64)
+        np.cumsum([len(x) for x in self.indexes], out=self.starts[1:])
+        self.language_names: list[str] = sorted({n for x in self.indexes for n in x.language_names})
+        code = {n: i for i, n in enumerate(self.language_names)}
+        # Per prefix: its local language code + 1 -> the global code (local -1 = none -> -1).
+        self._language_maps = [np.array([-1] + [code[n] for n in x.language_names], dtype=np.int16)
+                               for x in self.indexes]
+        self._reset()
+
+    def _reset(self) -> None:
+        self._shards: dict[tuple[int, int], Any] = {}  # (prefix, shard code) -> open IndexedDataset
+        self._lengths: np.ndarray | None = None
+        self._languages: np.ndarray | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # What a worker receives: the index paths (UtteranceIndex pickles as its path) and small tables; the mmaps
+        # and the arrays built on first use stay behind.
+        state = self.__dict__.copy()
+        state.update(_shards={}, _lengths=None, _languages=None)
+        return state
 
     def __len__(self) -> int:
-        return len(self._present)
+        return int(self.starts[-1])
 
-    def __getitem__(self, i: int) -> str | None:
-        if not self._present[i]:
-            return None
-        return self._blob[self._offsets[i]:self._offsets[i + 1]].decode()
+    @property
+    def lengths(self) -> np.ndarray:
+        if self._lengths is None:
+            self._lengths = self.indexes[0].lengths if len(self.indexes) == 1 else \
+                np.concatenate([x.lengths for x in self.indexes])
+        return self._lengths
+
+    @property
+    def languages(self) -> np.ndarray:
+        if self._languages is None:
+            self._languages = np.concatenate([m[x.language.astype(np.int32) + 1]
+                                              for m, x in zip(self._language_maps, self.indexes, strict=True)])
+        return self._languages
+
+    @property
+    def prefix_index(self) -> np.ndarray:
+        return np.repeat(np.arange(len(self.prefixes), dtype=np.int16), np.diff(self.starts))
+
+    def long_enough(self, min_samples: int) -> tuple[np.ndarray, dict[str, tuple[int, int]]]:
+        """Which utterances have at least min_samples samples (bool [N]), and per prefix the (utterances,
+        samples) skipped, logged: shorter audio is counted, never silently dropped. Raises ValueError when none
+        is kept."""
+        keep = self.lengths >= min_samples
+        skipped: dict[str, tuple[int, int]] = {}
+        for p, prefix in enumerate(self.prefixes):
+            a, b = self.starts[p], self.starts[p + 1]
+            short = ~keep[a:b]
+            n = int(short.sum())
+            samples = int(self.lengths[a:b][short].sum(dtype=np.int64)) if n else 0
+            skipped[prefix] = (n, samples)
+            if n:
+                logger.info("%s (%s): skipped %d utterances shorter than %d samples (%.2f h)", prefix, self.split,
+                            n, min_samples, samples / SAMPLE_RATE / 3600)
+        if not keep.any():
+            raise ValueError(f"no {self.split} utterance of at least {min_samples} samples in {self.prefixes}: "
+                             "lower data.min_sample_seconds or check the manifests")
+        return keep, skipped
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(prefix number, row in that prefix's index) of utterance i."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"utterance {i} is outside the corpus of {len(self)}")
+        p = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return p, i - int(self.starts[p])
+
+    def lengths_of(self, indices: np.ndarray) -> np.ndarray:
+        """Lengths of the given utterances, without building the concatenated `lengths` (cheap in a worker)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(self.indexes) == 1:
+            return self.indexes[0].lengths[indices].astype(np.int64)
+        p = np.searchsorted(self.starts, indices, side="right") - 1
+        return np.array([self.indexes[a].lengths[i - self.starts[a]] for a, i in zip(p, indices, strict=True)],
+                        dtype=np.int64)
+
+    def read(self, i: int, offset: int = 0, count: int | None = None) -> np.ndarray:
+        """Samples [offset, offset + count) of utterance i as an int16 view into the shard (zero-copy, read-only)."""
+        p, j = self.locate(i)
+        index = self.indexes[p]
+        length = int(index.lengths[j])
+        if count is None:
+            count = length - offset
+        if offset < 0 or count < 0 or offset + count > length:
+            raise IndexError(f"samples [{offset}, {offset + count}) are outside utterance {i} ({index.id(j)}) "
+                             f"of {length} samples")
+        code = int(index.shard[j])
+        dataset = self._shards.get((p, code))
+        if dataset is None:
+            from megatron_speech.data.index import _open_shard
+
+            dataset = self._shards[(p, code)] = _open_shard(index.shard_path(code))
+        return dataset.get(int(index.position[j]), offset, count)
+
+    def id(self, i: int) -> str:
+        p, j = self.locate(i)
+        return self.indexes[p].id(j)
+
+    def language(self, i: int) -> str | None:
+        """The "language" label of utterance i, or None."""
+        p, j = self.locate(i)
+        code = int(self._language_maps[p][int(self.indexes[p].language[j]) + 1])
+        return None if code < 0 else self.language_names[code]
 
 
 class AudioShards:
-    """All utterances of `prefix` (one or several prefixes, concatenated in order) for one split.
+    """The utterances of at least `min_samples` samples of `prefix` (one or several) for one split, with labels.
 
-    prefix: PREFIX or list of PREFIXes (tools/preprocess_audio.py --output-prefix); split: "train" or "valid".
-    min_samples: utterances shorter than this many 16 kHz samples are skipped and counted (`num_skipped`,
+    prefix: PREFIX or list of PREFIXes (tools/preprocess_audio.py --output-prefix; glob patterns allowed);
+    split: "train" or "valid". min_samples: shorter utterances are skipped and counted (`num_skipped`,
     `skipped_seconds`, per prefix in `skipped_per_prefix`), never silently dropped.
-    label_keys: the labels to keep (None = every manifest key beyond the audio description); pre-training keeps
-    only "language": transcripts of millions of utterances would be pickled into every worker for nothing.
+    label_keys: the labels to keep (None = every manifest key beyond the audio description). Only "language" comes
+    from the index; any other label is parsed from the manifests (fine for labeled sets; a pre-training corpus
+    uses Corpus directly).
 
     Attributes: `lengths` int64 [N] (samples), `prefix_index` int16 [N] (which prefix), `languages` int32 [N]
-    (code into `language_names`; -1 = no "language" label), `prefixes`.
-    Raises FileNotFoundError naming a missing manifest or shard file, ValueError naming the manifest line of an
-    entry that is malformed or points outside its shard.
+    (code into `language_names`; -1 = no "language" label), `prefixes`, `corpus` (the Corpus of every utterance).
     """
 
     def __init__(self, prefix: str | Sequence[str], split: str, min_samples: int = 0,
                  label_keys: Sequence[str] | None = None) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"split={split!r}: expected one of {list(SPLITS)}")
-        prefixes = [prefix] if isinstance(prefix, str) else list(prefix)
-        if not prefixes:
-            raise ValueError("no data prefix given: set data.prefix to the --output-prefix of "
-                             "tools/preprocess_audio.py")
-        self.prefixes = prefixes
-        self.split = split
-        self.min_samples = int(min_samples)
+        self.corpus = corpus = Corpus(prefix, split)
+        self.prefixes, self.split, self.min_samples = corpus.prefixes, split, int(min_samples)
+        keep, self.skipped_per_prefix = corpus.long_enough(self.min_samples)
+        self._kept = np.flatnonzero(keep)
+        self.lengths = corpus.lengths[self._kept].astype(np.int64)
+        self.prefix_index = corpus.prefix_index[self._kept]
+        self.language_names = corpus.language_names
+        self.languages = corpus.languages[self._kept].astype(np.int32)
+        wanted = None if label_keys is None else [k for k in label_keys if k != "language"]
+        self._with_language = label_keys is None or "language" in label_keys
+        self._labels = self._read_labels(keep, wanted) if wanted is None or wanted else {}
 
-        self._shard_paths: list[str] = []  # path prefixes (no extension), indexed by shard id
-        self._shards: dict[int, Any] = {}  # shard id -> open IndexedDataset (reopened lazily after pickling)
-        shard_ids, indices, lengths, prefix_index, ids = [], [], [], [], []
-        labels: dict[str, list[str | None]] = {}
-        self.skipped_per_prefix: dict[str, tuple[int, int]] = {}  # prefix -> (utterances, samples)
-        kept = 0
-        for p, pre in enumerate(prefixes):
-            rows = self._read_manifest(pre)
-            skipped = skipped_samples = 0
-            for row_ids, row in rows:
-                n = row["samples"]
-                if n < self.min_samples:
-                    skipped += 1
-                    skipped_samples += n
-                    continue
-                shard_ids.append(row_ids)
-                indices.append(row["index"])
-                lengths.append(n)
-                prefix_index.append(p)
-                ids.append(str(row["id"]))
-                for key, value in row.items():
-                    if key in _AUDIO_KEYS or (label_keys is not None and key not in label_keys):
+    def _read_labels(self, keep: np.ndarray, wanted: list[str] | None) -> dict[str, list[str | None]]:
+        """Label columns (JSON text, None = absent) of the kept utterances, other than "language"."""
+        columns: dict[str, list[str | None]] = {}
+        k = row_number = 0
+        for pre in self.prefixes:
+            with open(manifest_path(pre, self.split), encoding="utf-8") as f:
+                for line in f:
+                    if not line.strip():
                         continue
-                    # JSON text: any label type (str, number, list of phonemes) round-trips exactly.
-                    labels.setdefault(key, [None] * kept).append(json.dumps(value, ensure_ascii=False))
-                kept += 1
-                for column in labels.values():
-                    if len(column) < kept:
-                        column.append(None)
-            self.skipped_per_prefix[pre] = (skipped, skipped_samples)
-            if skipped:
-                logger.info("%s (%s): skipped %d utterances shorter than %d samples (%.2f h)", pre, split,
-                            skipped, self.min_samples, skipped_samples / SAMPLE_RATE / 3600)
-
-        if kept == 0:
-            raise ValueError(f"no {split} utterance of at least {self.min_samples} samples in {prefixes}: "
-                             "lower data.min_sample_seconds or check the manifests")
-        self._shard_of = np.asarray(shard_ids, dtype=np.int32)
-        self._index_in_shard = np.asarray(indices, dtype=np.int64)
-        self.lengths = np.asarray(lengths, dtype=np.int64)
-        self.prefix_index = np.asarray(prefix_index, dtype=np.int16)
-        self._ids = StringTable(ids)
-        self._labels = {key: StringTable(column) for key, column in labels.items()}
-        language = labels.get("language", [None] * kept)
-        names = sorted({json.loads(v) for v in language if v is not None}, key=str)
-        code = {json.dumps(n, ensure_ascii=False): i for i, n in enumerate(names)}
-        self.language_names: list[str] = [str(n) for n in names]
-        self.languages = np.fromiter((-1 if v is None else code[v] for v in language), dtype=np.int32,
-                                     count=kept)
-
-    # --- manifest and shards
-
-    def _read_manifest(self, prefix: str) -> list[tuple[int, dict[str, Any]]]:
-        path = manifest_path(prefix, self.split)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"manifest {path} not found: run tools/preprocess_audio.py --output-prefix "
-                                    f"{prefix} (it writes PREFIX_train/valid.manifest.jsonl next to the shards)")
-        folder = os.path.dirname(os.path.abspath(path))
-        local: dict[str, int] = {}
-        rows: list[tuple[int, dict[str, Any]]] = []
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_no}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: not a JSON object ({e})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-                missing = [k for k in _REQUIRED_KEYS if k not in row]
-                if missing:
-                    raise ValueError(f"{where}: missing key(s) {missing} (needs {list(_REQUIRED_KEYS)})")
-                for key in ("index", "samples"):
-                    if not isinstance(row[key], int) or isinstance(row[key], bool) or row[key] < 0:
-                        raise ValueError(f"{where}: {key}={row[key]!r} must be a non-negative integer")
-                name = row["shard"]
-                if name not in local:
-                    local[name] = self._open_new_shard(os.path.join(folder, name), where)
-                shard_id = local[name]
-                self._check_entry(shard_id, row, where)
-                rows.append((shard_id, row))
-        self._warn_unused_shards(prefix, local)
-        return rows
-
-    def _open_new_shard(self, shard_prefix: str, where: str) -> int:
-        for ext in (".idx", ".bin"):
-            if not os.path.isfile(shard_prefix + ext):
-                raise FileNotFoundError(f"{where} names shard {shard_prefix}, but {shard_prefix}{ext} does not "
-                                        "exist: the shards and the manifest must stay together")
-        shard_id = len(self._shard_paths)
-        self._shard_paths.append(shard_prefix)
-        dataset = self._shard(shard_id)
-        dtype = dataset.index.dtype
-        if dtype != np.int16:
-            raise ValueError(f"shard {shard_prefix}.idx holds {np.dtype(dtype).name}, expected int16 PCM "
-                             "(written by tools/preprocess_audio.py)")
-        return shard_id
-
-    def _check_entry(self, shard_id: int, row: dict[str, Any], where: str) -> None:
-        stored = self._shard(shard_id).sequence_lengths
-        path = self._shard_paths[shard_id]
-        index = row["index"]
-        if index >= len(stored):
-            raise ValueError(f"{where}: index {index} points outside shard {path}.idx, which holds "
-                             f"{len(stored)} utterances (manifest and shards out of sync?)")
-        if int(stored[index]) != row["samples"]:
-            raise ValueError(f"{where}: samples={row['samples']} but utterance {index} of shard {path}.idx "
-                             f"holds {int(stored[index])} samples (manifest and shards out of sync?)")
-
-    def _warn_unused_shards(self, prefix: str, used: dict[str, int]) -> None:
-        used_paths = {os.path.abspath(self._shard_paths[i]) for i in used.values()}
-        on_disk = {os.path.abspath(p[:-4]) for p in glob.glob(glob.escape(f"{prefix}_{self.split}_") + "*.idx")}
-        unused = sorted(on_disk - used_paths)
-        if unused:
-            warnings.warn(f"{manifest_path(prefix, self.split)} names none of the utterances in shard(s) "
-                          f"{unused}: their audio is not used", stacklevel=3)
-
-    def _shard(self, shard_id: int):
-        dataset = self._shards.get(shard_id)
-        if dataset is None:
-            # Imported here: a DataLoader worker pays for importing megatron.core only when it reads audio.
-            from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-            dataset = IndexedDataset(self._shard_paths[shard_id], mmap=True)
-            self._shards[shard_id] = dataset
-        return dataset
-
-    def __getstate__(self) -> dict[str, Any]:
-        # mmaps do not travel to spawned workers: each process reopens the shards it reads.
-        state = self.__dict__.copy()
-        state["_shards"] = {}
-        return state
+                    kept = keep[row_number]
+                    row_number += 1
+                    if not kept:
+                        continue
+                    for key, value in json.loads(line).items():
+                        if key in _AUDIO_KEYS or key == "language" or (wanted is not None and key not in wanted):
+                            continue
+                        column = columns.get(key)
+                        if column is None:
+                            column = columns[key] = [None] * len(self._kept)
+                        # JSON text: any label type (str, number, list of phonemes) round-trips exactly.
+                        column[k] = json.dumps(value, ensure_ascii=False)
+                    k += 1
+        return columns
 
     # --- per-utterance access
 
@@ -231,21 +250,19 @@ class AudioShards:
 
     def read(self, i: int, offset: int = 0, count: int | None = None) -> np.ndarray:
         """Samples [offset, offset + count) of utterance i as an int16 view into the shard (zero-copy, read-only)."""
-        length = int(self.lengths[i])
-        if count is None:
-            count = length - offset
-        if offset < 0 or count < 0 or offset + count > length:
-            raise IndexError(f"samples [{offset}, {offset + count}) are outside utterance {i} ({self.id(i)}) "
-                             f"of {length} samples")
-        return self._shard(int(self._shard_of[i])).get(int(self._index_in_shard[i]), offset, count)
+        return self.corpus.read(int(self._kept[i]), offset, count)
 
     def id(self, i: int) -> str:
         """The manifest `id` of utterance i."""
-        return self._ids[i]  # type: ignore[return-value]
+        return self.corpus.id(int(self._kept[i]))
 
     def labels(self, i: int) -> dict[str, Any]:
         """The labels utterance i has (manifest keys beyond the audio description), decoded from JSON."""
         out = {}
+        if self._with_language:
+            language = self.language(i)
+            if language is not None:
+                out["language"] = language
         for key, column in self._labels.items():
             value = column[i]
             if value is not None:

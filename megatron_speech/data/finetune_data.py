@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from megatron_speech.data.augment import Augmenter, list_noise_files
+from megatron_speech.data.augment import Augmenter
 from megatron_speech.data.dataset import AudioShards, manifest_path
 from megatron_speech.data.loader import collate_waveforms, frame_padding_mask, start_workers
 from megatron_speech.data.sampler import DynamicBatchSampler, Position, Slot
@@ -400,8 +400,9 @@ def build_augmenter(data_cfg, train: bool) -> Augmenter:
     eps = data_cfg.normalize_eps if data_cfg.normalize else None
     if not train or not data_cfg.noise_dir:
         return Augmenter(normalize_eps=eps)
-    noise_files = list_noise_files(data_cfg.noise_dir, data_cfg.noise_types)
-    return Augmenter((), noise_files, data_cfg.noise_prob, tuple(data_cfg.noise_snr_db), tuple(data_cfg.music_snr_db),
+    from megatron_speech.data.noise import open_noise
+
+    return Augmenter((), open_noise(data_cfg.noise_dir, data_cfg.noise_types), data_cfg.noise_prob, tuple(data_cfg.noise_snr_db), tuple(data_cfg.music_snr_db),
                      tuple(data_cfg.babble_snr_db), tuple(data_cfg.babble_num_speakers), normalize_eps=eps)
 
 

@@ -36,9 +36,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from megatron_speech.data.augment import SPEED_MARGIN, Augmenter, list_noise_files
+from megatron_speech.data.augment import SPEED_MARGIN, Augmenter
 from megatron_speech.data.crop import crop_num_frames, crop_num_samples
-from megatron_speech.data.dataset import AudioShards
+from megatron_speech.data.dataset import Corpus
+from megatron_speech.data.noise import check_noise_source, open_noise
 from megatron_speech.data.sampler import DynamicBatchSampler, Position, Slot
 from megatron_speech.models.wav2vec2.config import SAMPLE_RATE, Wav2Vec2Config
 from megatron_speech.models.wav2vec2.masker import compute_span_mask, counter_rng, sample_negatives
@@ -108,7 +109,7 @@ def frame_padding_mask(num_samples: Sequence[int], num_frames: int, stride: int 
 class MicroBatchBuilder:
     """Builds the micro-batch of a slot (runs in the DataLoader workers; a map-style dataset keyed by Slot)."""
 
-    def __init__(self, shards: AudioShards, augmenter: Augmenter, masking: MaskingSpec, tp_size: int,
+    def __init__(self, shards: Corpus, augmenter: Augmenter, masking: MaskingSpec, tp_size: int,
                  max_samples: int, seed: int) -> None:
         self.shards, self.augmenter, self.masking = shards, augmenter, masking
         self.tp_size, self.max_samples, self.seed = tp_size, max_samples, seed
@@ -118,7 +119,7 @@ class MicroBatchBuilder:
         that every utterance can play at any factor (else the bucketed, near-equal lengths of a batch would cap
         nearly every speed-up at ~1.0), but never below what the rule needs."""
         m = self.masking
-        shortest = int(self.shards.lengths[indices].min())
+        shortest = int(self.shards.lengths_of(indices).min())
         fastest = self.augmenter.max_speed
         if fastest > 1.0:
             need = max(m.min_frames, self.tp_size)
@@ -131,9 +132,10 @@ class MicroBatchBuilder:
         num_frames = self.num_frames(slot.indices)
         num_samples = crop_num_samples(num_frames, m.stride, m.receptive_field)
         waves = []
+        lengths = self.shards.lengths_of(slot.indices).tolist()
         for b, i in enumerate(slot.indices.tolist()):
             rng = counter_rng(self.seed, slot.step, slot.micro_step, slot.dp_rank, UTTERANCE_STREAM + b)
-            length = int(self.shards.lengths[i])
+            length = lengths[b]
             waves.append(self.augmenter(lambda o, c, i=i: self.shards.read(i, o, c), length, num_samples, rng))
         waveform = np.stack(waves)  # [B, T]: equal lengths by construction (no padding in pre-training)
 
@@ -316,34 +318,42 @@ def min_utterance_samples(data_cfg: Any, masking: MaskingSpec, tp_size: int) -> 
     return max(rule, configured)
 
 
-def _mixing_groups(shards: AudioShards, data_cfg: Any) -> tuple[np.ndarray, list[str], list[float] | None]:
-    """Group per utterance: with data.weights, its prefix (weights are per prefix); otherwise its "language"
-    label, falling back to its prefix for utterances without one."""
-    names = [os.path.basename(p.rstrip("/")) or p for p in shards.prefixes]
+def _mixing_groups(corpus: Corpus, keep: np.ndarray, data_cfg: Any
+                   ) -> tuple[np.ndarray, list[str], list[float] | None]:
+    """Group per utterance (int16; -1 = not kept): with data.weights, its prefix (weights are per prefix);
+    otherwise its "language" label, falling back to its prefix for utterances without one."""
+    names = [os.path.basename(p.rstrip("/")) or p for p in corpus.prefixes]
     if len(set(names)) < len(names):
-        names = list(shards.prefixes)
+        names = list(corpus.prefixes)
     if data_cfg.weights:
-        if len(data_cfg.weights) != len(shards.prefixes):
+        if len(data_cfg.weights) != len(corpus.prefixes):
             raise ValueError(f"data.weights has {len(data_cfg.weights)} entries but data.prefix has "
-                             f"{len(shards.prefixes)}: give one weight per prefix, or none")
-        return shards.prefix_index.astype(np.int64), names, [float(w) for w in data_cfg.weights]
-    languages = shards.language_names
+                             f"{len(corpus.prefixes)}: give one weight per prefix, or none")
+        groups = corpus.prefix_index
+        groups[~keep] = -1
+        return groups, names, [float(w) for w in data_cfg.weights]
+    languages = corpus.language_names
     group_names = list(languages) + [n for n in names if n not in languages]
     code = {n: i for i, n in enumerate(group_names)}
-    prefix_group = np.array([code[n] for n in names], dtype=np.int64)
-    groups = np.where(shards.languages >= 0, shards.languages, prefix_group[shards.prefix_index])
-    used = np.unique(groups)
-    remap = np.full(len(group_names), -1, dtype=np.int64)
+    groups = corpus.languages.copy()  # int16 [N]: at 10^8 utterances every byte per utterance is 100 MB
+    if (groups < 0).any():
+        prefix_group = np.array([code[n] for n in names], dtype=np.int16)
+        for p in range(len(corpus.prefixes)):
+            part = groups[corpus.starts[p]:corpus.starts[p + 1]]
+            part[part < 0] = prefix_group[p]
+    groups[~keep] = -1
+    used = np.flatnonzero(np.bincount(groups[groups >= 0].astype(np.int64), minlength=len(group_names)))
+    remap = np.full(len(group_names) + 1, -1, dtype=np.int16)  # the last entry maps -1 to -1
     remap[used] = np.arange(len(used))
     return remap[groups], [group_names[i] for i in used], None
 
 
 def check_noise_dir(data_cfg: Any) -> None:
     """Raise (FileNotFoundError / ValueError naming data.noise_dir and the missing folder) unless data.noise_dir is
-    off ("") or holds audio for every kind of data.noise_types. Cheap: call it before loading manifests, so a
-    placeholder path (configs/xl.yaml) fails in seconds, not after the data load."""
+    off ("") or a packed noise prefix, or a MUSAN folder with audio for every kind of data.noise_types. Cheap: call
+    it before the corpus index, so a placeholder path (configs/xl.yaml) fails in seconds."""
     if data_cfg.noise_dir:
-        list_noise_files(data_cfg.noise_dir, data_cfg.noise_types)
+        check_noise_source(data_cfg.noise_dir, data_cfg.noise_types)
 
 
 def build_augmenter(data_cfg: Any, train: bool = True) -> Augmenter:
@@ -351,8 +361,8 @@ def build_augmenter(data_cfg: Any, train: bool = True) -> Augmenter:
     eps = data_cfg.normalize_eps if data_cfg.normalize else None
     if not train:
         return Augmenter(normalize_eps=eps)
-    noise_files = list_noise_files(data_cfg.noise_dir, data_cfg.noise_types) if data_cfg.noise_dir else {}
-    return Augmenter(data_cfg.speed_perturb, noise_files, data_cfg.noise_prob, tuple(data_cfg.noise_snr_db),
+    noise = open_noise(data_cfg.noise_dir, data_cfg.noise_types) if data_cfg.noise_dir else None
+    return Augmenter(data_cfg.speed_perturb, noise, data_cfg.noise_prob, tuple(data_cfg.noise_snr_db),
                      tuple(data_cfg.music_snr_db), tuple(data_cfg.babble_snr_db),
                      tuple(data_cfg.babble_num_speakers), normalize_eps=eps)
 
@@ -372,19 +382,21 @@ def build_pretrain_loader(data_cfg: Any, model_cfg: Wav2Vec2Config, dp_rank: int
         check_noise_dir(data_cfg)  # before the manifests: they take minutes to load at scale
     masking = masking_spec(model_cfg)
     max_samples = round(data_cfg.max_sample_seconds * SAMPLE_RATE)
-    shards = AudioShards(data_cfg.prefix, "train", min_utterance_samples(data_cfg, masking, tp_size),
-                         label_keys=("language",))
-    groups, names, weights = _mixing_groups(shards, data_cfg)
-    sampler = DynamicBatchSampler(shards.lengths, data_cfg.max_tokens, max_samples, seed, dp_rank, dp_size,
+    corpus = Corpus(data_cfg.prefix, "train")
+    keep, skipped_per_prefix = corpus.long_enough(min_utterance_samples(data_cfg, masking, tp_size))
+    skipped = [sum(x) for x in zip(*skipped_per_prefix.values(), strict=True)]
+    groups, names, weights = _mixing_groups(corpus, keep, data_cfg)
+    del keep
+    sampler = DynamicBatchSampler(corpus.lengths, data_cfg.max_tokens, max_samples, seed, dp_rank, dp_size,
                                   num_micro_batches, groups, names, weights, data_cfg.sampling_alpha,
                                   stride=masking.stride, receptive_field=masking.receptive_field)
     for name in names:
         logger.info("data: %-12s %9.2f h  sampling weight %.4f (natural %.4f)", name, sampler.hours[name],
                     sampler.weights[name], sampler.mixing_stats()[f"data/{name}/natural_weight"])
     augmenter = build_augmenter(data_cfg, train=augment)
-    builder = MicroBatchBuilder(shards, augmenter, masking, tp_size, max_samples, seed)
-    extra = {"data/hours": shards.total_seconds / 3600, "data/skipped_utterances": float(shards.num_skipped),
-             "data/skipped_hours": shards.skipped_seconds / 3600}
+    builder = MicroBatchBuilder(corpus, augmenter, masking, tp_size, max_samples, seed)
+    extra = {"data/hours": sampler.num_samples / SAMPLE_RATE / 3600, "data/skipped_utterances": float(skipped[0]),
+             "data/skipped_hours": skipped[1] / SAMPLE_RATE / 3600}
     loader = PretrainLoader(builder, sampler, data_cfg.num_workers, pin_memory, extra)
     if start_state is not None:
         loader.load_state_dict(start_state)
@@ -398,8 +410,10 @@ def build_eval_loader(data_cfg: Any, model_cfg: Wav2Vec2Config, dp_rank: int, dp
     masking = masking_spec(model_cfg)
     max_samples = round(data_cfg.max_sample_seconds * SAMPLE_RATE)
     prefixes = data_cfg.valid_prefix or data_cfg.prefix
-    shards = AudioShards(prefixes, "valid", min_utterance_samples(data_cfg, masking, tp_size), label_keys=())
-    sampler = DynamicBatchSampler(shards.lengths, data_cfg.max_tokens, max_samples, seed,
+    corpus = Corpus(prefixes, "valid")
+    keep, _ = corpus.long_enough(min_utterance_samples(data_cfg, masking, tp_size))
+    sampler = DynamicBatchSampler(corpus.lengths, data_cfg.max_tokens, max_samples, seed,
+                                  groups=np.where(keep, 0, -1).astype(np.int16),
                                   stride=masking.stride, receptive_field=masking.receptive_field)
-    builder = MicroBatchBuilder(shards, build_augmenter(data_cfg, train=False), masking, tp_size, max_samples, seed)
+    builder = MicroBatchBuilder(corpus, build_augmenter(data_cfg, train=False), masking, tp_size, max_samples, seed)
     return EvalLoader(builder, sampler.epoch_batches(0), dp_rank, dp_size, data_cfg.num_workers, pin_memory)

@@ -77,13 +77,65 @@ class Slot:
     after: Position
 
 
+class EpochBatches(Sequence):
+    """The micro-batches of one epoch, stored compactly: the epoch's utterances in bucketed order, the batch
+    bounds over them, and the (shuffled) batch order. batches[k] is an index array (a view); a slice is a list."""
+
+    def __init__(self, items: np.ndarray, bounds: np.ndarray, order: np.ndarray) -> None:
+        self.items, self.bounds, self.order = items, bounds, order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        b = int(self.order[k])
+        return self.items[self.bounds[b]:self.bounds[b + 1]]
+
+
+def greedy_bounds(crops: np.ndarray, max_tokens: int) -> np.ndarray:
+    """Batch bounds [0, ..., len(crops)] of fairseq's greedy cut over non-increasing `crops`: a batch takes the next
+    utterance while (count + 1) x its crop (the batch's shortest) stays within max_tokens.
+
+    Vectorized per run of equal crops (a few hundred distinct values, not one Python step per utterance): within a
+    run of crop c a batch holds m = max_tokens // c utterances; only the batch open at a run's start, carried over
+    from longer crops, is special (it may take m - count more)."""
+    n = len(crops)
+    if n == 0:
+        return np.zeros(1, np.int64)
+    starts = np.flatnonzero(np.diff(crops)) + 1
+    run_starts = np.concatenate([[0], starts])
+    run_ends = np.concatenate([starts, [n]])
+    pieces: list[np.ndarray] = [np.zeros(1, np.int64)]
+    carry = 0  # utterances in the batch open at the current position
+    for s, e, c in zip(run_starts.tolist(), run_ends.tolist(), crops[run_starts].tolist(), strict=True):
+        m = max_tokens // c
+        pos = s
+        if carry:
+            take = min(max(m - carry, 0), e - s)
+            pos, carry = s + take, carry + take
+            if pos < e:  # the open batch is full for this crop: it ends here
+                pieces.append(np.array([pos], np.int64))
+                carry = 0
+        full, rest = divmod(e - pos, m)
+        if rest == 0 and full:  # the last full batch stays open: a shorter crop may still fit
+            full, rest = full - 1, m
+        pieces.append(pos + m * np.arange(1, full + 1, dtype=np.int64))
+        carry += rest
+    pieces.append(np.array([n], np.int64))
+    return np.concatenate(pieces)
+
+
 class DynamicBatchSampler:
     """Micro-batches of this DP rank, num_micro_batches per global step (see the module docstring).
 
-    lengths: samples per utterance [N]; groups: group id per utterance [N] (0..len(group_names)-1);
-    group_weights: explicit sampling weight per group (data.weights), None = temperature alpha over hours;
-    max_tokens: budget in samples per micro-batch; max_samples: longest crop, in samples; shuffle=False keeps
-    ties and batches in length order; stride / receptive_field: the conv encoder's, in samples (the crop rule).
+    lengths: samples per utterance [N] (any integer array; a memory-mapped one is not copied); groups: group id
+    per utterance [N] (0..len(group_names)-1; -1 = not sampled, e.g. too short); group_weights: explicit sampling
+    weight per group (data.weights), None = temperature alpha over hours; max_tokens: budget in samples per
+    micro-batch; max_samples: longest crop, in samples; shuffle=False keeps ties and batches in length order;
+    stride / receptive_field: the conv encoder's, in samples (the crop rule).
+    Micro-batches hold indices into `lengths` (int32 below 2^31 utterances: half the memory per epoch).
     """
 
     def __init__(
@@ -107,29 +159,48 @@ class DynamicBatchSampler:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
         if num_micro_batches < 1:
             raise ValueError(f"num_micro_batches={num_micro_batches} must be >= 1")
-        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.lengths = np.asarray(lengths)
+        if not np.issubdtype(self.lengths.dtype, np.integer):
+            self.lengths = self.lengths.astype(np.int64)
         self.max_tokens, self.max_samples, self.seed = int(max_tokens), int(max_samples), int(seed)
         self.dp_rank, self.dp_size, self.num_micro_batches = dp_rank, dp_size, num_micro_batches
         self.shuffle = shuffle
-        self.groups = np.zeros(len(self.lengths), np.int64) if groups is None else np.asarray(groups, np.int64)
+        self.stride, self.receptive_field = int(stride), int(receptive_field)
         self.group_names = list(group_names)
+        self._index_dtype = np.int32 if len(self.lengths) < 2**31 else np.int64
 
-        # Cropped length of every utterance as a batch's shortest, via the crop rule itself (once per distinct
-        # length: the rule is scalar).
-        limited = np.minimum(self.lengths, self.max_samples)
-        distinct, inverse = np.unique(limited, return_inverse=True)
-        table = np.array([crop_num_samples(crop_num_frames(int(n), self.max_samples, 1, 1, stride, receptive_field),
-                                           stride, receptive_field) for n in distinct], dtype=np.int64)
-        self._sort_key = limited
-        self._crop = table[inverse]
-        if int(self._crop.max()) > self.max_tokens:
-            raise ValueError(f"data.max_tokens={self.max_tokens} is smaller than one cropped utterance "
-                             f"({int(self._crop.max())} samples): raise it or lower data.max_sample_seconds")
+        # Members of each group, ascending, as views into one array (a stable argsort puts the -1s first).
+        num_groups = len(self.group_names)
+        if groups is None:
+            members = np.arange(len(self.lengths), dtype=self._index_dtype)
+            counts = np.array([len(members)], np.int64)
+        else:
+            groups = np.asarray(groups)
+            if len(groups) and (int(groups.max()) >= num_groups or int(groups.min()) < -1):
+                raise ValueError(f"group ids must be in [-1, {num_groups}) for group_names {self.group_names}")
+            order = np.argsort(groups, kind="stable")
+            counts = np.bincount(groups[groups >= 0], minlength=num_groups).astype(np.int64)
+            members = order[len(groups) - int(counts.sum()):].astype(self._index_dtype)
+            del order
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        self._members = [members[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        kept_lengths = [self.lengths[m].astype(np.int64) for m in self._members]
+        self.num_utterances = len(members)
+        self.num_samples = int(sum(int(k.sum()) for k in kept_lengths))
+        if self.num_utterances:
+            shortest = min(int(k.min()) for k in kept_lengths if len(k))
+            longest = max(int(k.max()) for k in kept_lengths if len(k))
+            crop_num_frames(shortest, self.max_samples, 1, 1, stride, receptive_field)  # raises if too short
+            most = crop_num_samples(crop_num_frames(longest, self.max_samples, 1, 1, stride, receptive_field),
+                                    stride, receptive_field)
+            if most > self.max_tokens:
+                raise ValueError(f"data.max_tokens={self.max_tokens} is smaller than one cropped utterance "
+                                 f"({most} samples): raise it or lower data.max_sample_seconds")
 
-        # Mixing: per-group members, hours, weights and utterances per epoch.
-        self._members = [np.flatnonzero(self.groups == g) for g in range(len(self.group_names))]
-        hours = {name: float(self.lengths[m].sum()) / SAMPLE_RATE / 3600
-                 for name, m in zip(self.group_names, self._members, strict=True)}
+        # Mixing: per-group hours, weights and utterances per epoch.
+        hours = {name: float(k.sum()) / SAMPLE_RATE / 3600
+                 for name, k in zip(self.group_names, kept_lengths, strict=True)}
+        del kept_lengths
         explicit = None if group_weights is None else dict(zip(self.group_names, group_weights, strict=True))
         self.hours = hours
         self.weights = mixing_weights(hours, alpha, explicit)
@@ -141,7 +212,12 @@ class DynamicBatchSampler:
         if sum(self.per_epoch.values()) == 0:
             raise ValueError(f"the sampling weights {self.weights} leave no utterance in an epoch")
         self.position = Position()
-        self._epochs: OrderedDict[int, list[np.ndarray]] = OrderedDict()
+        self._epochs: OrderedDict[int, EpochBatches] = OrderedDict()
+
+    def cropped(self, indices: np.ndarray) -> np.ndarray:
+        """The crop rule at tp = 1 of each utterance as a batch's shortest, in samples (vectorized)."""
+        limited = np.minimum(self.lengths[indices], self.max_samples).astype(np.int64)
+        return self.stride * ((limited - self.receptive_field) // self.stride) + self.receptive_field
 
     # --- epochs
 
@@ -155,28 +231,24 @@ class DynamicBatchSampler:
             parts += [members] * passes
             if rest:
                 parts.append(np.sort(rng.choice(members, size=rest, replace=False)))
-        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        return np.concatenate(parts) if parts else np.zeros(0, self._index_dtype)
 
-    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
-        """Every micro-batch of one epoch (all DP ranks), in stream order; each an int64 array of utterances."""
+    def epoch_batches(self, epoch: int) -> EpochBatches:
+        """Every micro-batch of one epoch (all DP ranks), in stream order; each an array of utterance indices."""
         cached = self._epochs.get(epoch)
         if cached is not None:
             return cached
         items = self.epoch_items(epoch)
         rng = counter_rng(self.seed, epoch, 1, 0, stream=_EPOCH_STREAM)
         ties = rng.random(len(items)) if self.shuffle else np.arange(len(items))
-        items = items[np.lexsort((ties, -self._sort_key[items]))]  # longest first, ties random
-        bounds, count = [0], 0
-        for i, crop in enumerate(self._crop[items].tolist()):
-            # Adding a (shorter or equal) utterance re-crops the whole batch to it: (count + 1) * crop.
-            if count and (count + 1) * crop > self.max_tokens:
-                bounds.append(i)
-                count = 0
-            count += 1
-        bounds.append(len(items))
-        batches = [items[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        if self.shuffle:
-            batches = [batches[i] for i in rng.permutation(len(batches))]
+        # Longest first (the crop-limited length descending), ties random.
+        key = (self.max_samples - np.minimum(self.lengths[items], self.max_samples)).astype(np.int32)
+        items = items[np.lexsort((ties, key))]
+        del ties, key
+        bounds = greedy_bounds(self.cropped(items), self.max_tokens)
+        num = len(bounds) - 1
+        order = rng.permutation(num) if self.shuffle else np.arange(num)
+        batches = EpochBatches(items, bounds, order)
         self._epochs[epoch] = batches
         while len(self._epochs) > 2:  # the current epoch and the next (a global batch may straddle them)
             self._epochs.popitem(last=False)
@@ -227,15 +299,15 @@ class DynamicBatchSampler:
         p = self.position
         return {"global_batches": p.global_batches, "epoch": p.epoch, "epoch_offset": p.offset,
                 "micro_batches_per_global": self.micro_batches_per_global,
-                "num_utterances": len(self.lengths), "num_samples": int(self.lengths.sum())}
+                "num_utterances": self.num_utterances, "num_samples": self.num_samples}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a position from state_dict(). Another layout (TP, DP, micro-batches) continues at the same
         micro-batch; another corpus cannot continue exactly: it warns and keeps the epoch and offset."""
-        if (state.get("num_utterances"), state.get("num_samples")) != (len(self.lengths), int(self.lengths.sum())):
+        if (state.get("num_utterances"), state.get("num_samples")) != (self.num_utterances, self.num_samples):
             warnings.warn(f"data sampler state was saved over {state.get('num_utterances')} utterances / "
-                          f"{state.get('num_samples')} samples, this corpus has {len(self.lengths)} / "
-                          f"{int(self.lengths.sum())}: batches after the resume differ from an uninterrupted run",
+                          f"{state.get('num_samples')} samples, this corpus has {self.num_utterances} / "
+                          f"{self.num_samples}: batches after the resume differ from an uninterrupted run",
                           stacklevel=2)
         if state.get("micro_batches_per_global") != self.micro_batches_per_global:
             logger.info("data: resuming at %d micro-batches per global batch (saved at %s) from epoch %d, "

@@ -282,10 +282,10 @@ def make_plan(cfg: Config, world_size: int, world_size_source: str = "--world-si
             problems.append(f"data.prefix={prefix}: no shards {prefix}_train_NNNNN.idx/.bin found "
                             "(the path must be visible from every node)")
     if d.noise_dir:  # configs/xl.yaml's placeholder would otherwise fail only after the manifests loaded
-        from megatron_speech.data.augment import list_noise_files  # numpy + soundfile, not torch
+        from megatron_speech.data.noise import check_noise_source  # numpy + soxr, not torch
 
         try:
-            list_noise_files(d.noise_dir, d.noise_types)
+            check_noise_source(d.noise_dir, d.noise_types)
         except (OSError, ValueError) as err:
             problems.append(str(err))
     cpus = env.get("SLURM_CPUS_PER_TASK")

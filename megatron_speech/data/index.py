@@ -1,0 +1,319 @@
+"""The binary utterance index of one preprocessed split: what every rank and DataLoader worker needs about each
+utterance, memory-mapped from one file next to the manifest (DESIGN §2; issue: data at the seed's scale).
+
+    index = UtteranceIndex.open("data/en", "train")    # builds PREFIX_train.index from the manifest if needed
+    index.lengths[i], index.shard[i], index.position[i], index.language[i], index.id(i)
+
+Why not the manifest: a 10^8-utterance JSONL takes each rank 30-60 minutes of Python to parse (again at every
+requeue) and ~1 KB per row while doing so; the parsed result pickled into every worker costs ~100 B per utterance
+per process. The index is parsed once, then opened in milliseconds by every process; its pages are shared by all
+processes of a node (page cache), so a worker's copy costs nothing but the pages it touches.
+Why not megatron-core's own shard `.idx`: it holds lengths and byte pointers of one shard only; an utterance also
+needs its id, its language and which shard of the prefix holds it, over all shards of a prefix.
+
+File `PREFIX_{split}.index`: magic `MSPINDEX`, a little-endian uint64 header length, a JSON header (version, the
+manifest's and each shard .idx's size and mtime it was built from, shard names, language names, array layout),
+then 64-byte aligned arrays, one entry per manifest row in manifest order:
+  lengths int32 (samples at 16 kHz; megatron's .idx caps a sequence at int32 too), shard int32 (into the shard
+  names), position int32 (in that shard), language int16 (into the language names; -1 = no "language" label),
+  id_offsets int64 [N + 1] and id_blob uint8 (UTF-8 ids).
+The JSONL manifest stays the source of truth: an index whose manifest or shards changed size or mtime is stale and
+rebuilt. Building takes a file lock (`.index.lock`): one process builds, the others wait and then open its result;
+the file is written to a temporary name and renamed, so a reader never sees half an index, also where the file
+system has no working locks (then several processes may build the same bytes, and the last rename wins).
+
+    python -m megatron_speech.data.index PREFIX [PREFIX ...]   # build or check ahead of a job
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import glob
+import json
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+MAGIC = b"MSPINDEX"
+VERSION = 1
+_ALIGN = 64
+_ARRAYS = (("lengths", np.int32), ("shard", np.int32), ("position", np.int32), ("language", np.int16),
+           ("id_offsets", np.int64), ("id_blob", np.uint8))
+_REQUIRED_KEYS = ("shard", "index", "id", "samples")
+_INT32_MAX = 2**31 - 1
+
+
+def manifest_path(prefix: str, split: str) -> str:
+    """`PREFIX_{split}.manifest.jsonl`."""
+    return f"{prefix}_{split}.manifest.jsonl"
+
+
+def index_path(prefix: str, split: str) -> str:
+    """`PREFIX_{split}.index`."""
+    return f"{prefix}_{split}.index"
+
+
+def _stamp(path: str) -> list[int]:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _open_shard(path: str):
+    # Imported here: opening an index (a DataLoader worker) needs no torch; building and reading audio do.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Transformer Engine and Apex are not installed"
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+    return IndexedDataset(path, mmap=True)
+
+
+# --------------------------------------------------------------------------------------------------- building
+
+
+def build_index(prefix: str, split: str, out_path: str | None = None) -> str:
+    """Parse the manifest of `prefix`/`split`, check every row against its shard, and write the index.
+
+    Raises FileNotFoundError naming a missing manifest or shard file, ValueError naming the manifest line of a
+    malformed row or one that disagrees with its shard. Returns the index path.
+    """
+    manifest = manifest_path(prefix, split)
+    if not os.path.isfile(manifest):
+        raise FileNotFoundError(f"manifest {manifest} not found: run tools/preprocess_audio.py --output-prefix "
+                                f"{prefix} (it writes PREFIX_train/valid.manifest.jsonl next to the shards)")
+    folder = os.path.dirname(os.path.abspath(manifest))
+    manifest_stamp = _stamp(manifest)
+    shard_names: list[str] = []
+    shard_code: dict[str, int] = {}
+    stored: list[np.ndarray] = []  # per shard: its sequence lengths (from megatron's .idx)
+    language_code: dict[str, int] = {}
+    # Typed growing arrays (not per-row dicts): ~25 bytes per row while parsing.
+    from array import array
+
+    lengths, shard, position, language = array("i"), array("i"), array("i"), array("h")
+    id_offsets, id_blob = array("q", [0]), bytearray()
+    with open(manifest, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{manifest}:{line_no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not a JSON object ({e})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            missing = [k for k in _REQUIRED_KEYS if k not in row]
+            if missing:
+                raise ValueError(f"{where}: missing key(s) {missing} (needs {list(_REQUIRED_KEYS)})")
+            for key in ("index", "samples"):
+                value = row[key]
+                if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _INT32_MAX:
+                    raise ValueError(f"{where}: {key}={value!r} must be an integer in [0, 2^31)")
+            name = row["shard"]
+            code = shard_code.get(name)
+            if code is None:
+                code = shard_code[name] = len(shard_names)
+                shard_names.append(name)
+                stored.append(_shard_lengths(os.path.join(folder, name), where))
+            held = stored[code]
+            index, samples = row["index"], row["samples"]
+            if index >= len(held):
+                raise ValueError(f"{where}: index {index} points outside shard {os.path.join(folder, name)}.idx, "
+                                 f"which holds {len(held)} utterances (manifest and shards out of sync?)")
+            if int(held[index]) != samples:
+                raise ValueError(f"{where}: samples={samples} but utterance {index} of shard "
+                                 f"{os.path.join(folder, name)}.idx holds {int(held[index])} samples (manifest and "
+                                 "shards out of sync?)")
+            lang = row.get("language")
+            if lang is None:
+                language.append(-1)
+            else:
+                lang = str(lang)
+                c = language_code.get(lang)
+                if c is None:
+                    c = language_code[lang] = len(language_code)
+                language.append(c)
+            lengths.append(samples)
+            shard.append(code)
+            position.append(index)
+            id_blob += str(row["id"]).encode()
+            id_offsets.append(len(id_blob))
+    if len(language_code) > 32767:
+        raise ValueError(f"{manifest}: {len(language_code)} distinct language labels; at most 32767 are supported")
+    on_disk = {os.path.abspath(p[:-4]) for p in glob.glob(glob.escape(f"{prefix}_{split}_") + "*.idx")}
+    unused = sorted(on_disk - {os.path.abspath(os.path.join(folder, n)) for n in shard_names})
+    header = {
+        "version": VERSION, "prefix": os.path.basename(prefix), "split": split, "num": len(lengths),
+        "manifest": manifest_stamp,
+        "shards": [[n, *_stamp(os.path.join(folder, n) + ".idx")] for n in shard_names],
+        "languages": list(language_code), "unused_shards": unused,
+    }
+    arrays = {"lengths": lengths, "shard": shard, "position": position, "language": language,
+              "id_offsets": id_offsets, "id_blob": id_blob}
+    out = out_path or index_path(prefix, split)
+    _write(out, header, {k: np.frombuffer(v, dtype=d) if len(v) else np.zeros(0, d) for (k, d), v in
+                         zip(_ARRAYS, (arrays[k] for k, _ in _ARRAYS), strict=True)})
+    return out
+
+
+def _shard_lengths(shard_prefix: str, where: str) -> np.ndarray:
+    for ext in (".idx", ".bin"):
+        if not os.path.isfile(shard_prefix + ext):
+            raise FileNotFoundError(f"{where} names shard {shard_prefix}, but {shard_prefix}{ext} does not "
+                                    "exist: the shards and the manifest must stay together")
+    dataset = _open_shard(shard_prefix)
+    if dataset.index.dtype != np.int16:
+        raise ValueError(f"shard {shard_prefix}.idx holds {np.dtype(dataset.index.dtype).name}, expected int16 "
+                         "PCM (written by tools/preprocess_audio.py)")
+    return np.array(dataset.sequence_lengths)
+
+
+def _write(path: str, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    layout, offset = {}, 0
+    for name, dtype in _ARRAYS:
+        a = arrays[name]
+        assert a.dtype == dtype, (name, a.dtype)
+        offset += (-offset) % _ALIGN
+        layout[name] = [offset, len(a)]
+        offset += a.nbytes
+    header = {**header, "arrays": layout}
+    blob = json.dumps(header).encode()
+    start = len(MAGIC) + 8 + len(blob)
+    start += (-start) % _ALIGN
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(MAGIC + len(blob).to_bytes(8, "little") + blob)
+            for name, _ in _ARRAYS:
+                f.seek(start + layout[name][0])
+                f.write(arrays[name].tobytes())
+            f.truncate(start + offset)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# --------------------------------------------------------------------------------------------------- reading
+
+
+def _read_header(path: str) -> tuple[dict[str, Any], int]:
+    with open(path, "rb") as f:
+        if f.read(len(MAGIC)) != MAGIC:
+            raise ValueError(f"{path} is not an utterance index (bad magic): delete it and it is rebuilt")
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    start = len(MAGIC) + 8 + size
+    return header, start + (-start) % _ALIGN
+
+
+def _is_fresh(prefix: str, split: str) -> bool:
+    """Whether the index exists, is of this version, and was built from the manifest and shards on disk now."""
+    path = index_path(prefix, split)
+    try:
+        header, _ = _read_header(path)
+        if header.get("version") != VERSION or header.get("manifest") != _stamp(manifest_path(prefix, split)):
+            return False
+        folder = os.path.dirname(os.path.abspath(path))
+        return all([size, mtime] == _stamp(os.path.join(folder, name) + ".idx")
+                   for name, size, mtime in header["shards"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+@contextmanager
+def _locked(path: str) -> Iterator[None]:
+    """An exclusive flock on `path` (created), or nothing where the file system refuses locks."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        yield  # read-only folder: building will fail with a clear error below, or the index is fresh already
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+        yield
+    finally:
+        os.close(fd)
+
+
+def ensure_index(prefix: str, split: str, log=None) -> str:
+    """The path of a fresh index of prefix/split, built first (under the lock) when missing or stale."""
+    path = index_path(prefix, split)
+    if _is_fresh(prefix, split):
+        return path
+    with _locked(path + ".lock"):
+        if _is_fresh(prefix, split):  # another process built it while this one waited
+            return path
+        if log:
+            log(f"building the utterance index {path} from {manifest_path(prefix, split)}")
+        try:
+            build_index(prefix, split)
+        except PermissionError as e:
+            raise PermissionError(f"cannot write the utterance index {path} ({e.strerror}): build it where the "
+                                  f"folder is writable with `python -m megatron_speech.data.index {prefix}`, "
+                                  "then copy it next to the manifest") from None
+    return path
+
+
+class UtteranceIndex:
+    """One split of one prefix, memory-mapped. Picklable: it travels as its path and is reopened on arrival."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        header, start = _read_header(path)
+        self.header = header
+        self.num = int(header["num"])
+        self.shard_names: list[str] = [s[0] for s in header["shards"]]
+        self.language_names: list[str] = list(header["languages"])
+        self.unused_shards: list[str] = list(header.get("unused_shards", []))
+        raw = np.memmap(path, dtype=np.uint8, mode="r")
+        for name, dtype in _ARRAYS:
+            offset, count = header["arrays"][name]
+            a = raw[start + offset:start + offset + count * np.dtype(dtype).itemsize].view(dtype)
+            setattr(self, name, a)
+        self.folder = os.path.dirname(os.path.abspath(path))
+
+    @classmethod
+    def open(cls, prefix: str, split: str, log=None) -> UtteranceIndex:
+        """The index of prefix/split, (re)built from the manifest first when missing or stale."""
+        return cls(ensure_index(prefix, split, log))
+
+    def __len__(self) -> int:
+        return self.num
+
+    def id(self, i: int) -> str:
+        return bytes(self.id_blob[self.id_offsets[i]:self.id_offsets[i + 1]]).decode()
+
+    def shard_path(self, code: int) -> str:
+        return os.path.join(self.folder, self.shard_names[code])
+
+    def __reduce__(self):
+        return (UtteranceIndex, (self.path,))
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.split("\n\n")[0] + "\n\nusage: python -m megatron_speech.data.index PREFIX [PREFIX ...]")
+        return 0 if argv else 2
+    for prefix in argv:
+        for split in ("train", "valid"):
+            if os.path.isfile(manifest_path(prefix, split)):
+                index = UtteranceIndex.open(prefix, split, log=lambda m: print(m, file=sys.stderr))
+                print(f"{index.path}: {len(index)} utterances, {int(index.lengths.sum(dtype=np.int64)) / 16000 / 3600:.2f} h, "
+                      f"{len(index.shard_names)} shards, languages {index.language_names}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
