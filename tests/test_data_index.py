@@ -1,0 +1,218 @@
+"""The data path at the seed's scale, imitated on a CPU: the binary utterance index (rebuilt when missing or stale,
+once under a lock while other ranks wait), what a DataLoader worker receives (flat in the corpus size), the
+vectorized epoch against the per-utterance loop it replaced, and noise packed once and memory-mapped."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import pickle
+import time
+
+import numpy as np
+import pytest
+import soundfile
+
+from megatron_speech.data import index as index_module
+from megatron_speech.data.augment import Augmenter
+from megatron_speech.data.dataset import AudioShards, Corpus, expand_prefixes
+from megatron_speech.data.index import UtteranceIndex, build_index, ensure_index, index_path
+from megatron_speech.data.noise import PACKED, open_noise
+from megatron_speech.data.sampler import DynamicBatchSampler
+from megatron_speech.models.wav2vec2.masker import counter_rng
+from tests.fixtures import write_split
+
+SR = 16_000
+
+
+def _utterances(rng, count, tag, languages=("en", "fr", "sw")):
+    out = []
+    for i in range(count):
+        n = int(rng.uniform(0.3, 3.0) * SR)
+        audio = (rng.standard_normal(n) * 3000).astype(np.int16)
+        labels = {"language": languages[i % len(languages)]} if languages else {}
+        out.append((f"{tag}{i:04d}", audio, labels | {"text": f"words {i}"}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def prefix(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scale")
+    p = str(root / "corpus")
+    write_split(p, "train", _utterances(np.random.default_rng(1), 40, "u"))
+    return p
+
+
+def _rows(prefix, split="train"):
+    with open(f"{prefix}_{split}.manifest.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_index_matches_the_manifest_and_shards(prefix):
+    index = UtteranceIndex.open(prefix, "train")
+    rows = _rows(prefix)
+    assert len(index) == len(rows)
+    assert [index.id(i) for i in range(len(index))] == [r["id"] for r in rows]
+    assert index.lengths.tolist() == [r["samples"] for r in rows]
+    assert [index.language_names[c] for c in index.language] == [r["language"] for r in rows]
+    corpus = Corpus(prefix, "train")
+    for i in (0, 17, 39):
+        assert corpus.read(i).tolist() == AudioShards(prefix, "train").read(i).tolist()
+    assert AudioShards(prefix, "train").labels(5) == {"language": rows[5]["language"], "text": rows[5]["text"]}
+
+
+def test_a_missing_or_stale_index_is_rebuilt_and_equals_a_fresh_one(prefix, tmp_path):
+    path = ensure_index(prefix, "train")
+    fresh = tmp_path / "fresh.index"
+
+    def same_as_fresh():
+        build_index(prefix, "train", str(fresh))
+        a, b = open(path, "rb").read(), open(fresh, "rb").read()
+        assert a == b
+
+    os.remove(path)  # missing
+    assert Corpus(prefix, "train") and os.path.exists(path)
+    same_as_fresh()
+    # stale: the manifest edited (an utterance dropped, another's language changed); the index follows it
+    rows = _rows(prefix)
+    rows = rows[1:]
+    rows[0]["language"] = "yo"
+    with open(f"{prefix}_train.manifest.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    corpus = Corpus(prefix, "train")
+    assert len(corpus) == len(rows) and corpus.language(0) == "yo" and corpus.id(0) == rows[0]["id"]
+    same_as_fresh()
+    # stale: a shard rewritten (its .idx mtime changes) -> rebuilt, checked against the shard again
+    before = os.stat(path).st_mtime_ns
+    shard_idx = os.path.join(os.path.dirname(prefix), rows[0]["shard"] + ".idx")
+    os.utime(shard_idx, ns=(time.time_ns(), time.time_ns()))
+    Corpus(prefix, "train")
+    assert os.stat(path).st_mtime_ns != before
+    same_as_fresh()
+    # a fresh index is not rebuilt
+    before = os.stat(path).st_mtime_ns
+    Corpus(prefix, "train")
+    assert os.stat(path).st_mtime_ns == before
+
+
+def _race(prefix, barrier, queue):
+    builds = []
+    original = index_module.build_index
+    index_module.build_index = lambda *a, **k: builds.append(1) or original(*a, **k)
+    barrier.wait()
+    corpus = Corpus(prefix, "train")
+    queue.put((len(builds), len(corpus), corpus.id(len(corpus) - 1)))
+
+
+def test_concurrent_ranks_build_the_index_once(tmp_path):
+    p = str(tmp_path / "race")
+    write_split(p, "train", _utterances(np.random.default_rng(2), 30, "r"))
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_race, args=(p, barrier, queue)) for _ in range(3)]
+    for proc in procs:
+        proc.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    assert sum(r[0] for r in results) == 1  # one builder; the others waited on the lock and opened its file
+    assert {r[1:] for r in results} == {(30, "r0029")}
+    assert not [n for n in os.listdir(tmp_path) if ".tmp." in n]
+
+
+def test_a_worker_receives_the_same_few_bytes_whatever_the_corpus_size(tmp_path):
+    """What a spawned DataLoader worker unpickles must not grow with the corpus (10^8 utterances x 5 workers x 8
+    ranks per node): the Corpus travels as its index paths and small tables."""
+    sizes = {}
+    for n in (100, 2000):
+        p = str(tmp_path / f"c{n}")
+        rng = np.random.default_rng(n)
+        clips = [(f"c{i}", (rng.standard_normal(SR) * 1000).astype(np.int16), {}) for i in range(4)]
+        write_split(p, "train", clips)
+        rows = _rows(p)
+        with open(f"{p}_train.manifest.jsonl", "w") as f:  # n utterances sharing 4 clips
+            for k in range(n):
+                f.write(json.dumps(rows[k % 4] | {"id": f"u{k:07d}", "language": f"l{k % 7}"}) + "\n")
+        corpus = Corpus(p, "train")
+        assert len(corpus) == n and corpus.languages.max() == 6 and len(corpus.lengths) == n
+        sizes[n] = len(pickle.dumps(corpus))
+        clone = pickle.loads(pickle.dumps(corpus))
+        assert clone.id(n - 1) == f"u{n - 1:07d}" and np.array_equal(clone.read(n - 1), corpus.read(n - 1))
+    assert abs(sizes[2000] - sizes[100]) <= 8 and sizes[2000] < 4096, sizes  # only the paths' lengths differ
+
+
+def _reference_epoch(sampler: DynamicBatchSampler, epoch: int) -> list[list[int]]:
+    """The epoch as main built it before vectorization: one Python step per utterance (copied from 3e507c6)."""
+    from megatron_speech.data.crop import crop_num_frames, crop_num_samples
+    from megatron_speech.data.sampler import _EPOCH_STREAM
+
+    items = sampler.epoch_items(epoch)
+    rng = counter_rng(sampler.seed, epoch, 1, 0, stream=_EPOCH_STREAM)
+    ties = rng.random(len(items)) if sampler.shuffle else np.arange(len(items))
+    sort_key = np.minimum(sampler.lengths, sampler.max_samples)
+    items = items[np.lexsort((ties, -sort_key[items]))]
+    crop = [crop_num_samples(crop_num_frames(int(n), sampler.max_samples, 1, 1)) for n in sort_key[items]]
+    bounds, count = [0], 0
+    for i, c in enumerate(crop):
+        if count and (count + 1) * c > sampler.max_tokens:
+            bounds.append(i)
+            count = 0
+        count += 1
+    bounds.append(len(items))
+    batches = [items[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    if sampler.shuffle:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_the_vectorized_epoch_equals_the_per_utterance_loop(shuffle):
+    rng = np.random.default_rng(7)
+    n = 20_000
+    lengths = rng.integers(SR // 2, 20 * SR, size=n).astype(np.int32)
+    lengths[rng.random(n) < 0.3] = 5 * SR  # long runs of equal crops: the carried-over batch path
+    groups = rng.integers(-1, 5, size=n).astype(np.int16)  # -1 = too short, not sampled
+    for max_tokens in (1_400_000, 500_000, 240_000):
+        sampler = DynamicBatchSampler(lengths, max_tokens, 15 * SR, seed=3, groups=groups,
+                                      group_names=list("abcde"), alpha=0.5, shuffle=shuffle)
+        for epoch in (0, 1):
+            got = [b.tolist() for b in sampler.epoch_batches(epoch)]
+            assert got == _reference_epoch(sampler, epoch)
+            assert all(groups[i] >= 0 for b in got for i in b)
+
+
+def test_noise_is_packed_once_and_read_by_memory_map(tmp_path):
+    folder = tmp_path / "musan"
+    rng = np.random.default_rng(0)
+    for kind, rate in (("noise", 16000), ("music", 22050), ("speech", 16000)):
+        (folder / kind).mkdir(parents=True)
+        for i in range(2):
+            soundfile.write(str(folder / kind / f"{kind}{i}.wav"),
+                            (rng.standard_normal(int(rate * 1.5)) * 0.1).astype(np.float32), rate, subtype="PCM_16")
+    bank = open_noise(str(folder), ["noise", "music", "babble"])
+    packed = folder / f"{PACKED}_train.manifest.jsonl"
+    assert packed.exists() and {bank.count(k) for k in bank.kinds} == {2}
+    # 16 kHz files come back sample-exact; the bank pickles as a path, not as audio
+    audio, _ = soundfile.read(str(folder / "noise" / "noise1.wav"), dtype="int16")
+    assert np.array_equal(bank.audio("noise", 1), audio) and not bank.audio("noise", 1).flags.writeable
+    assert len(pickle.dumps(Augmenter(noise=bank, noise_prob=1.0))) < 4096
+    # a second opening uses the pack; a changed folder is packed again
+    stamp = packed.stat().st_mtime_ns
+    open_noise(str(folder), ["noise"])
+    assert packed.stat().st_mtime_ns == stamp
+    soundfile.write(str(folder / "noise" / "noise2.wav"), (rng.standard_normal(SR) * 0.1).astype(np.float32), SR)
+    assert open_noise(str(folder), ["noise"]).count("noise") == 3
+    # a packed prefix is taken as it is
+    assert open_noise(str(folder / PACKED), ["music"]).count("music") == 2
+
+
+def test_prefix_patterns_expand_to_the_parts(tmp_path):
+    for k in (1, 0):
+        write_split(str(tmp_path / f"cv_part{k:04d}"), "train", _utterances(np.random.default_rng(k), 3, f"p{k}_"))
+    assert expand_prefixes([str(tmp_path / "cv_part*")], "train") == [str(tmp_path / "cv_part0000"),
+                                                                       str(tmp_path / "cv_part0001")]
+    assert len(Corpus(str(tmp_path / "cv_part*"), "train")) == 6
+    with pytest.raises(FileNotFoundError, match="matches no train manifest"):
+        expand_prefixes(str(tmp_path / "nothing*"), "train")
