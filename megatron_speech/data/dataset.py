@@ -1,7 +1,7 @@
 """Utterances of one or more preprocessed prefixes: int16 IndexedDataset shards + their utterance index (DESIGN §2).
 
     corpus = Corpus(["/data/en", "/data/fr"], "train")   # every utterance, as the index lists them (pre-training)
-    corpus.lengths[i], corpus.read(i, offset, count), corpus.id(i), corpus.languages[i]
+    corpus.lengths[i], corpus.read(i, offset, count), corpus.id(i), corpus.language(i)
     shards = AudioShards(["/data/en"], "train", min_samples=32_000)   # those of at least min_samples, with labels
     shards.lengths[i], shards.read(i, offset, count), shards.id(i), shards.labels(i)
 
@@ -67,7 +67,7 @@ class Corpus:
 
     Attributes: `prefixes`, `language_names` (sorted, over all prefixes). `lengths` int32 [N] (samples; for one
     prefix a view into the index, for several a copy made on first use), `languages` int16 [N] (code into
-    language_names, -1 = none) and `prefix_index` int16 [N] are built on first use: a worker needs none of them.
+    language_names, -1 = none) and `prefix_index` int16 [N] (built per call): a worker needs none of them.
     Raises FileNotFoundError / ValueError naming the manifest (and line) that cannot be indexed.
     """
 
@@ -96,13 +96,12 @@ class Corpus:
     def _reset(self) -> None:
         self._shards: dict[tuple[int, int], Any] = {}  # (prefix, shard code) -> open IndexedDataset
         self._lengths: np.ndarray | None = None
-        self._languages: np.ndarray | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # What a worker receives: the index paths (UtteranceIndex pickles as its path) and small tables; the mmaps
         # and the arrays built on first use stay behind.
         state = self.__dict__.copy()
-        state.update(_shards={}, _lengths=None, _languages=None)
+        state.update(_shards={}, _lengths=None)
         return state
 
     def __len__(self) -> int:
@@ -117,10 +116,9 @@ class Corpus:
 
     @property
     def languages(self) -> np.ndarray:
-        if self._languages is None:
-            self._languages = np.concatenate([m[x.language.astype(np.int32) + 1]
-                                              for m, x in zip(self._language_maps, self.indexes, strict=True)])
-        return self._languages
+        """A new int16 array [N] on every call (not kept: 2 bytes per utterance the loader needs only once)."""
+        return np.concatenate([m[x.language + 1]
+                               for m, x in zip(self._language_maps, self.indexes, strict=True)])
 
     @property
     def prefix_index(self) -> np.ndarray:

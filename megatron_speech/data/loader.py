@@ -335,7 +335,7 @@ def _mixing_groups(corpus: Corpus, keep: np.ndarray, data_cfg: Any
     languages = corpus.language_names
     group_names = list(languages) + [n for n in names if n not in languages]
     code = {n: i for i, n in enumerate(group_names)}
-    groups = corpus.languages.copy()  # int16 [N]: at 10^8 utterances every byte per utterance is 100 MB
+    groups = corpus.languages  # int16 [N], new: at 10^8 utterances every byte per utterance is 100 MB
     if (groups < 0).any():
         prefix_group = np.array([code[n] for n in names], dtype=np.int16)
         for p in range(len(corpus.prefixes)):

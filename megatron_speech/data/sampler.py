@@ -184,12 +184,12 @@ class DynamicBatchSampler:
             del order
         bounds = np.concatenate([[0], np.cumsum(counts)])
         self._members = [members[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        kept_lengths = [self.lengths[m].astype(np.int64) for m in self._members]
+        samples = [int(self.lengths[m].sum(dtype=np.int64)) for m in self._members]
         self.num_utterances = len(members)
-        self.num_samples = int(sum(int(k.sum()) for k in kept_lengths))
+        self.num_samples = sum(samples)
         if self.num_utterances:
-            shortest = min(int(k.min()) for k in kept_lengths if len(k))
-            longest = max(int(k.max()) for k in kept_lengths if len(k))
+            shortest = min(int(self.lengths[m].min()) for m in self._members if len(m))
+            longest = max(int(self.lengths[m].max()) for m in self._members if len(m))
             crop_num_frames(shortest, self.max_samples, 1, 1, stride, receptive_field)  # raises if too short
             most = crop_num_samples(crop_num_frames(longest, self.max_samples, 1, 1, stride, receptive_field),
                                     stride, receptive_field)
@@ -198,9 +198,7 @@ class DynamicBatchSampler:
                                  f"({most} samples): raise it or lower data.max_sample_seconds")
 
         # Mixing: per-group hours, weights and utterances per epoch.
-        hours = {name: float(k.sum()) / SAMPLE_RATE / 3600
-                 for name, k in zip(self.group_names, kept_lengths, strict=True)}
-        del kept_lengths
+        hours = {name: n / SAMPLE_RATE / 3600 for name, n in zip(self.group_names, samples, strict=True)}
         explicit = None if group_weights is None else dict(zip(self.group_names, group_weights, strict=True))
         self.hours = hours
         self.weights = mixing_weights(hours, alpha, explicit)
@@ -216,7 +214,7 @@ class DynamicBatchSampler:
 
     def cropped(self, indices: np.ndarray) -> np.ndarray:
         """The crop rule at tp = 1 of each utterance as a batch's shortest, in samples (vectorized)."""
-        limited = np.minimum(self.lengths[indices], self.max_samples).astype(np.int64)
+        limited = np.minimum(self.lengths[indices], self.max_samples)  # < 2^31: int32 arithmetic is exact
         return self.stride * ((limited - self.receptive_field) // self.stride) + self.receptive_field
 
     # --- epochs
@@ -245,9 +243,9 @@ class DynamicBatchSampler:
         key = (self.max_samples - np.minimum(self.lengths[items], self.max_samples)).astype(np.int32)
         items = items[np.lexsort((ties, key))]
         del ties, key
-        bounds = greedy_bounds(self.cropped(items), self.max_tokens)
+        bounds = greedy_bounds(self.cropped(items), self.max_tokens).astype(self._index_dtype)
         num = len(bounds) - 1
-        order = rng.permutation(num) if self.shuffle else np.arange(num)
+        order = (rng.permutation(num) if self.shuffle else np.arange(num)).astype(self._index_dtype)
         batches = EpochBatches(items, bounds, order)
         self._epochs[epoch] = batches
         while len(self._epochs) > 2:  # the current epoch and the next (a global batch may straddle them)
