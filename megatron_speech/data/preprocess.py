@@ -3,12 +3,21 @@
     summary = preprocess("wavs/", "data/corpus", workers=16)    # tools/preprocess_audio.py is the CLI
     print(summary.format())
 
-Inputs: a folder (walked recursively, symlinks followed; every regular file is tried as audio whatever its name, and
-what does not decode is a reject), a JSONL manifest (one object per line: "path", relative to the manifest's folder,
-plus any labels, copied to the output; an "id" key names the utterance), or a fairseq TSV manifest (first line the root
-folder, relative ones against the manifest's folder; then `relpath<TAB>frames`), whose sidecar label files
-`STEM.wrd`, `STEM.phn`, `STEM.ltr` (one line per audio line, fairseq's layout) become the labels "text", "phonemes",
-"ltr". A folder is processed in sorted relative-path order, a manifest in line order.
+Inputs, told apart by their content, never by a guess (the kind is part of the journal's fingerprint):
+  "directory"  a folder, walked recursively, symlinks followed; every regular file is tried as audio whatever its
+               name, and what does not decode is a reject. A folder holding LibriSpeech, Multilingual LibriSpeech or
+               CommonVoice metadata ("librispeech", "mls", "commonvoice", joined by "+" when several) is walked the
+               same way, and its transcripts add labels and corpus ids (megatron_speech/data/importers.py).
+  "jsonl"      a file whose first line starts with "{": one object per line, "path" (relative to the manifest's
+               folder) plus any labels, copied to the output; an "id" key names the utterance.
+  "tsv"        a fairseq TSV manifest: line 1 an existing folder (the root; relative to the manifest's folder) with
+               no tab, line 2 `relpath<TAB>frames`; its sidecar label files `STEM.wrd`, `STEM.phn`, `STEM.ltr` (one
+               line per audio line, fairseq's layout) become the labels "text", "phonemes", "ltr".
+  "table"      a CSV/TSV whose header names the audio column ("path", "audio", "file_name", ...: importers.py); the
+               other columns become labels. "commonvoice": a CommonVoice *.tsv (client_id, path, sentence, ...; the
+               audio in clips/ next to it); sentence, client_id, locale become "text", "speaker", "language".
+Anything else is a ValueError naming the file, its first line and these layouts. A folder is processed in sorted
+relative-path order (then the transcript lines whose audio is missing, as rejects), a manifest in line order.
 
 Per file (in a worker process): decode with soundfile (libsndfile) as float32, check the header against what decodes,
 mix to mono (mean of the channels), resample to 16 kHz with soxr at quality "HQ" (libsoxr's 20-bit preset: already
@@ -131,18 +140,24 @@ _OUTPUT_NAME = re.compile(
 
 
 def list_inputs(input_path: str, output_prefix: str | None = None) -> tuple[str, list[InputItem]]:
-    """(kind, items) for a folder ("directory"), a JSONL ("jsonl") or a fairseq TSV ("tsv") manifest.
+    """(kind, items) for a folder ("directory", or a corpus folder: "librispeech", "mls", "commonvoice", joined by
+    "+"), a JSONL ("jsonl"), fairseq TSV ("tsv") or header table ("table", "commonvoice") manifest.
 
     Files of `output_prefix`'s own outputs are left out of a folder walk. Items are stat'ed; missing files and
     repeated ids are marked as rejects here. Raises ValueError for a malformed manifest, naming file and line.
     """
+    from megatron_speech.data import importers  # not at the top: importers builds InputItems (an import cycle)
+
     if os.path.isdir(input_path):
-        kind, items = "directory", _list_directory(input_path, output_prefix)
+        kind, items = importers.label_folder(input_path, _list_directory(input_path, output_prefix))
     elif os.path.isfile(input_path):
         kind = _manifest_kind(input_path)
-        items = _list_jsonl(input_path) if kind == "jsonl" else _list_tsv(input_path)
+        if kind in ("jsonl", "tsv"):
+            items = _list_jsonl(input_path) if kind == "jsonl" else _list_tsv(input_path)
+        else:
+            items = importers.read_table(input_path, kind)
     else:
-        raise ValueError(f"--input {input_path!r} does not exist: give a folder of audio or a JSONL/TSV manifest")
+        raise ValueError(f"--input {input_path!r} does not exist: give a folder of audio or a JSONL/TSV/CSV manifest")
     if not items:
         raise ValueError(f"--input {input_path!r} lists no files")
     _stat_and_dedupe_ids(items, input_path)
@@ -181,16 +196,47 @@ def _list_directory(root: str, output_prefix: str | None) -> list[InputItem]:
     return items
 
 
+_FAIRSEQ_LINE = re.compile(r"[^\t]+\t\d+\s*")
+_LAYOUTS = ('a JSONL file with one {"path": ...} object per line; a fairseq TSV (line 1 an existing root folder, '
+            "then relpath<TAB>frames lines); a CSV/TSV table whose header names the audio column (one of COLUMNS), "
+            "such as CommonVoice's validated.tsv; or a folder (of audio, or a LibriSpeech, MLS or CommonVoice corpus)")
+
+
 def _manifest_kind(path: str) -> str:
+    """"jsonl", "tsv" (fairseq) or a header table's kind ("table", "commonvoice"), from the first two lines."""
+    from megatron_speech.data import importers
+
+    first = second = None
     try:
         with open(path, encoding="utf-8") as f:
             for line in f:
+                if first is not None:
+                    second = line.rstrip("\r\n")
+                    break
                 if line.strip():
-                    return "jsonl" if line.lstrip().startswith("{") else "tsv"
+                    first = line.rstrip("\r\n")
     except UnicodeDecodeError:
         pass
-    raise ValueError(f"--input {path!r} is neither a folder nor a manifest (a JSONL file with one "
-                     '{"path": ...} object per line, or a fairseq TSV: root folder, then relpath<TAB>frames lines)')
+    layouts = _LAYOUTS.replace("COLUMNS", ", ".join(importers.PATH_COLUMNS))
+    if first is None:
+        raise ValueError(f"--input {path!r} is neither a folder nor a manifest (empty or not UTF-8 text). Accepted: "
+                         f"{layouts}")
+    if first.lstrip().startswith("{"):
+        return "jsonl"
+    # fairseq: a root folder without a tab, then relpath<TAB>frames. A header line (CommonVoice's holds tabs) is
+    # never taken for the root: the root must exist.
+    if "\t" not in first and (second is None or _FAIRSEQ_LINE.fullmatch(second)):
+        root = os.path.join(os.path.dirname(os.path.abspath(path)), first.strip())
+        if os.path.isdir(root):
+            return "tsv"
+        if second is not None:
+            raise ValueError(f"{path}:1: a fairseq TSV manifest (line 2 is relpath<TAB>frames) whose root folder "
+                             f"{first.strip()!r} (line 1) is not a folder (resolved to {root}); fix the first line")
+    kind = importers.table_kind(path, first)
+    if kind is None:
+        raise ValueError(f"--input {path!r}: cannot tell its layout from its first line {first[:200]!r}. Accepted: "
+                         f"{layouts}")
+    return kind
 
 
 def _list_jsonl(path: str) -> list[InputItem]:
@@ -275,7 +321,8 @@ def _stat_and_dedupe_ids(items: list[InputItem], input_path: str) -> None:
             first[item.id] = item.source
     if num_missing == len(items):
         raise ValueError(f"none of the {len(items)} files listed in {input_path} exists (the first resolves to "
-                         f"{items[0].source}); paths are relative to the manifest's folder (TSV: to its root line)")
+                         f"{items[0].source}); paths are relative to the manifest's folder (fairseq TSV: to its "
+                         "root line; CommonVoice: to clips/ next to the .tsv)")
 
 
 # --------------------------------------------------------------------------------------------------- decoding
