@@ -74,6 +74,27 @@ def test_peak_table_and_batch_shape():
     assert bench.batch_shape(cfg, "cpu", None, None)[0] == 2
 
 
+def test_payload_compression_bench_quick(tmp_path):
+    """bench/payload_compression.py --quick (a few seconds): both tables, sane ratios and rates."""
+    from megatron_speech.data.demo_corpus import check_tools
+
+    if check_tools():
+        pytest.skip(f"not installed: {', '.join(check_tools())} (apt-get install espeak-ng flite sox)")
+    out = tmp_path / "payload.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/payload_compression.py"), "--quick", "--kinds", "tts",
+                           "tts+white", "music", "--json", str(out)], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "FLAC size per audio-hour" in proc.stdout and "one augmenting worker, FLAC (seek)" in proc.stdout
+    result = json.loads(out.read_text())
+    assert set(result["sizes"]) == {"tts", "tts+white", "music"}
+    for row in result["sizes"].values():
+        assert 0.2 < row["L5"]["ratio"] < 1.0 and row["L8"]["mb_per_hour"] <= row["L0"]["mb_per_hour"]
+    assert [r["utterance_s"] for r in result["loader"]] == [5.0, 20.0]
+    for r in result["loader"]:
+        assert all(rate > 0 for rate in r["audio_s_per_cpu_s"].values()) and r["decode_x_rt"] > 0
+
+
 @pytest.mark.slow
 def test_gpu_check_dry_path(tmp_path):
     """Without a GPU the script runs every stage on the CPU path at tiny sizes and writes one result file."""
