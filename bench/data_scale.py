@@ -6,7 +6,8 @@ For each size N it writes a synthetic prefix cheaply (64 real clips of 1-15 s in
 point at them round-robin, with 53 languages), then measures, for one rank of the tiny config:
   - first start (no index: the trainer builds it from the manifest) and restart (index present): seconds from
     `python -m megatron_speech.pretrain` until its first training step is logged, with data.num_workers workers;
-  - PSS of the rank and its workers together (shared pages counted once), peak over the run to the first step;
+  - PSS of the rank and its workers together (shared pages counted once), peak over a third run to the first step
+    (sampled: sampling walks the resident pages and would slow the timed runs);
   - bytes pickled into each DataLoader worker (the micro-batch builder the DataLoader sends at spawn);
   - in process: opening the corpus index, building the sampler, building one epoch.
 Then the linear extrapolation (slope between the two largest sizes) to 350M utterances (the seed's ~960k hours at
@@ -75,8 +76,10 @@ def tree_pss(proc: psutil.Process) -> int:
     return total
 
 
-def run_to_first_step(prefix: str, workers: int, save_dir: Path, timeout: float) -> dict:
-    """Start one pre-training rank; return seconds to its first logged step and the peak PSS until then."""
+def run_to_first_step(prefix: str, workers: int, save_dir: Path, timeout: float, pss: bool) -> dict:
+    """Start one pre-training rank; return seconds to its first logged step and, with pss=True, the peak PSS of
+    the rank and its workers until then (sampled every 0.5 s; sampling walks every resident page, so the timed
+    runs do not sample)."""
     shutil.rmtree(save_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "megatron_speech.pretrain", "--config", str(ROOT / "configs/tiny.yaml"),
            f"data.prefix=[{prefix}]", f"data.num_workers={workers}", "train.max_steps=100000",
@@ -91,14 +94,16 @@ def run_to_first_step(prefix: str, workers: int, save_dir: Path, timeout: float)
     metrics, peak, seconds = save_dir / "metrics.jsonl", 0, None
     try:
         while time.perf_counter() - t0 < timeout:
-            peak = max(peak, tree_pss(ps))
+            if pss:
+                peak = max(peak, tree_pss(ps))
             if metrics.exists() and any('"split": "train"' in line for line in metrics.open()):
                 seconds = time.perf_counter() - t0
-                peak = max(peak, tree_pss(ps))
+                if pss:
+                    peak = max(peak, tree_pss(ps))
                 break
             if proc.poll() is not None:
                 raise RuntimeError(f"pretrain exited with {proc.returncode}:\n{proc.stdout.read().decode()[-3000:]}")
-            time.sleep(0.2)
+            time.sleep(0.5 if pss else 0.1)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -152,11 +157,12 @@ def main(argv: list[str]) -> int:
                                                                         lengths)}
             write_manifest(Path(f"{prefix}_valid.manifest.jsonl"), NUM_CLIPS, lengths)
             row["manifest_bytes"] = os.path.getsize(f"{prefix}_train.manifest.jsonl")
-            first = run_to_first_step(str(prefix), args.workers, work / "run", args.timeout)
+            first = run_to_first_step(str(prefix), args.workers, work / "run", args.timeout, pss=False)
             row["index_bytes"] = os.path.getsize(f"{prefix}_train.index")
-            again = run_to_first_step(str(prefix), args.workers, work / "run", args.timeout)
-            row.update(first_start_s=first["seconds"], restart_s=again["seconds"], first_start_pss=first["pss_bytes"],
-                       restart_pss=again["pss_bytes"], **in_process(str(prefix), args.workers))
+            again = run_to_first_step(str(prefix), args.workers, work / "run", args.timeout, pss=False)
+            memory = run_to_first_step(str(prefix), args.workers, work / "run", args.timeout, pss=True)
+            row.update(first_start_s=first["seconds"], restart_s=again["seconds"], restart_pss=memory["pss_bytes"],
+                       **in_process(str(prefix), args.workers))
             print(json.dumps(row), flush=True)
             rows.append(row)
             for f in work.glob(f"n{n}_*"):
@@ -166,7 +172,7 @@ def main(argv: list[str]) -> int:
         if not args.keep and not args.work:
             shutil.rmtree(work, ignore_errors=True)
     gib = 2**30
-    print(f"\n{'utterances':>12} {'first start':>12} {'restart':>8} {'PSS (rank+{} workers)'.format(args.workers):>22} "
+    print(f"\n{'utterances':>12} {'first start':>12} {'restart':>8} {f'PSS (rank+{args.workers} workers)':>22} "
           f"{'payload/worker':>15} {'epoch build':>12} {'index':>10}")
     for r in rows:
         print(f"{r['utterances']:>12,} {r['first_start_s']:>11.1f}s {r['restart_s']:>7.1f}s "

@@ -17,7 +17,7 @@ import soundfile
 from megatron_speech.data import index as index_module
 from megatron_speech.data.augment import Augmenter
 from megatron_speech.data.dataset import AudioShards, Corpus, expand_prefixes
-from megatron_speech.data.index import UtteranceIndex, build_index, ensure_index, index_path
+from megatron_speech.data.index import UtteranceIndex, build_index, ensure_index
 from megatron_speech.data.noise import PACKED, open_noise
 from megatron_speech.data.sampler import DynamicBatchSampler
 from megatron_speech.models.wav2vec2.masker import counter_rng

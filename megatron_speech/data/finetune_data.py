@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 
 from megatron_speech.data.augment import Augmenter
 from megatron_speech.data.dataset import AudioShards, manifest_path
+from megatron_speech.data.noise import open_noise
 from megatron_speech.data.loader import collate_waveforms, frame_padding_mask, start_workers
 from megatron_speech.data.sampler import DynamicBatchSampler, Position, Slot
 from megatron_speech.models.wav2vec2.config import SAMPLE_RATE, Wav2Vec2Config
@@ -400,9 +401,8 @@ def build_augmenter(data_cfg, train: bool) -> Augmenter:
     eps = data_cfg.normalize_eps if data_cfg.normalize else None
     if not train or not data_cfg.noise_dir:
         return Augmenter(normalize_eps=eps)
-    from megatron_speech.data.noise import open_noise
-
-    return Augmenter((), open_noise(data_cfg.noise_dir, data_cfg.noise_types), data_cfg.noise_prob, tuple(data_cfg.noise_snr_db), tuple(data_cfg.music_snr_db),
+    noise = open_noise(data_cfg.noise_dir, data_cfg.noise_types)
+    return Augmenter((), noise, data_cfg.noise_prob, tuple(data_cfg.noise_snr_db), tuple(data_cfg.music_snr_db),
                      tuple(data_cfg.babble_snr_db), tuple(data_cfg.babble_num_speakers), normalize_eps=eps)
 
 

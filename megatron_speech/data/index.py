@@ -310,8 +310,9 @@ def main(argv: list[str]) -> int:
         for split in ("train", "valid"):
             if os.path.isfile(manifest_path(prefix, split)):
                 index = UtteranceIndex.open(prefix, split, log=lambda m: print(m, file=sys.stderr))
-                print(f"{index.path}: {len(index)} utterances, {int(index.lengths.sum(dtype=np.int64)) / 16000 / 3600:.2f} h, "
-                      f"{len(index.shard_names)} shards, languages {index.language_names}")
+                hours = int(index.lengths.sum(dtype=np.int64)) / 16000 / 3600
+                print(f"{index.path}: {len(index)} utterances, {hours:.2f} h, {len(index.shard_names)} shards, "
+                      f"languages {index.language_names}")
     return 0
 
 
