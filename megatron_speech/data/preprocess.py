@@ -33,11 +33,31 @@ Outputs, for PREFIX = out/corpus (shard names relative to the manifests' folder)
       path), "samples" (at 16 kHz), "orig_sample_rate", "orig_channels", "audio_hash" (blake2b-128 hex of the
       stored int16 little-endian bytes),
       "warnings" (list, usually empty: "clipped" = a run of >= 3 samples at >= 99.9% of full scale in the input,
-      "overshoot" = resampling rang past full scale and samples were clipped to int16), then the input's labels.
-  out/corpus.rejects.jsonl   one object per rejected input: "source", "reason" (REJECT_REASONS), "detail", "id".
+      "overshoot" = resampling rang past full scale and samples were clipped to int16), then for a segment of a
+      longer recording "parent" (the input's id) and "offset" (its first sample in the input's 16 kHz audio), then
+      the input's labels.
+  out/corpus.rejects.jsonl   one object per rejected input (or segment): "source", "reason" (REJECT_REASONS),
+                             "detail", "id" (and a segment's "parent", "offset").
   out/corpus.preprocess.json the run's journal: arguments, fingerprint, progress; "complete": true once done.
-Both manifests and the rejects file always exist at the end (possibly empty). Every input lands in exactly one of
-them. The split is by a hash of (seed, id): an utterance stays in the same split when inputs are added or reordered.
+Both manifests and the rejects file always exist at the end (possibly empty). Every input (every segment of a cut
+one) lands in exactly one of them. The split is by a hash of (seed, id): an utterance stays in the same split when
+inputs are added or reordered; a segment goes by its parent's id, so valid never shares a recording with train.
+
+Long recordings (max_segment_seconds, default 30; 0 = never cut): an unlabeled input longer than that is cut at
+low-energy points into segments of at most max_segment_seconds and at least min_seconds (megatron_speech/data/
+segment.py has the rule), each a manifest row of its own with id "{parent}@{offset}" (e.g. "talks/a.flac@472200";
+stable: the cuts depend on the audio alone; unique: two parents never give the same id, and a segment whose id is
+also some input's id is rejected as "duplicate_id"). The segments' samples add up to the input's, in order. "Unlabeled":
+the input has no label other than "language"; a transcript, phonemes, a speaker or any other key describes the
+whole file, so such an input is never cut. Duplicates are found per segment (a duplicate segment is rejected,
+its siblings kept). Cutting runs in the workers; the unit of progress stays the input file.
+
+Parts (`part=(i, n)`, the CLI's --part I/N; a Slurm array runs one per task: launch/preprocess.sbatch): the run
+takes the inputs whose id hashes to i modulo n (blake2b, independent of the split's hash) and writes PREFIX_partIIII
+(4 digits) with its own journal. By id hash, not contiguous ranges: parts balance in hours even when a language's
+files are all long, and adding inputs changes only the parts they fall in (the others stay complete). The split,
+the segments and each kept utterance's bytes do not depend on n; duplicates are found within a part only (an input
+and its copy in another part are both kept). Train on all parts with data.prefix='PREFIX_part*'.
 
 Truncation policy: a file whose header declares more audio than the file holds (a WAV/AIFF/W64 data chunk longer than
 the file, an RF64 ds64 data size above what is there, fewer frames decodable than the header states) is rejected as
@@ -49,22 +69,25 @@ libsndfile reports a cut Ogg as either malformed ("unreadable") or as holding 0 
 the detail): it cannot be told from an empty one. A WAV whose header says 0 data bytes is "empty" too.
 Duplicates are found by the first 64 bits of audio_hash (a false match has odds ~n^2 / 2^65 for n kept utterances).
 
-Resume: the journal is rewritten atomically (temp file + rename) after every closed shard and every
-`checkpoint_seconds`, recording the inputs done, each split's closed shards (name, items, bytes), the open shard's
+Resume: the journal is rewritten atomically (temp file + rename) after every closed shard (after the input, when a
+shard closes between two segments of one) and every `checkpoint_seconds`, always at an input boundary, recording
+the inputs done, each split's closed shards (name, items, bytes), the open shard's
 item count and bytes, and the byte length of every manifest/rejects file. Shards are written as `*.bin.partial` and
 renamed when closed; manifests and rejects are `*.partial` until the end. A rerun of the same command (same inputs with
 the same sizes and mtimes, same output-affecting arguments, same library versions; --workers may change) truncates the
 files to the journal, rebuilds the open shard from its bytes (checked against each utterance's audio_hash) and goes on:
 the result is byte-identical to an uninterrupted run (tested on one machine; soxr's output could differ on
-another CPU type, which the fingerprint cannot see). A rerun with changed arguments or inputs is refused. SIGINT or
-SIGTERM stops at the next file boundary, saves a checkpoint and raises PreprocessInterrupted.
+another CPU type, which the fingerprint cannot see; the cut points are exact integer arithmetic). A rerun with
+changed arguments or inputs is refused. SIGINT, SIGTERM or SIGUSR1 (Slurm's warning signal) stops at the next file
+boundary, saves a checkpoint and raises PreprocessInterrupted.
 
 Memory: the input list (~0.5 KB per input) and the duplicate detector (~110 bytes per kept utterance) live in the
-main process; split very large corpora into several prefixes (data.prefix takes several).
+main process; split very large corpora into several prefixes or parts (data.prefix takes several, and globs).
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -86,10 +109,12 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from megatron_speech.data.segment import cut_offsets
 from megatron_speech.models.wav2vec2.config import SAMPLE_RATE
 
-FORMAT_VERSION = 1
-"""Bump when the bytes written for the same inputs change: a journal of another version is not resumed."""
+FORMAT_VERSION = 2
+"""Bump when the bytes written for the same inputs change: a journal of another version is not resumed.
+2: long unlabeled inputs are cut into segments (max_segment_seconds, default 30)."""
 RESAMPLE_QUALITY = "HQ"
 SPLITS = ("train", "valid")
 REJECT_REASONS = {
@@ -108,6 +133,10 @@ REJECT_REASONS = {
 # Keys the preprocessor writes; an input manifest may carry "id" (it names the utterance) but none of the others.
 OUTPUT_KEYS = ("shard", "index", "id", "source", "samples", "orig_sample_rate", "orig_channels", "audio_hash",
                "warnings")
+SEGMENT_KEYS = ("parent", "offset")
+"""Written after OUTPUT_KEYS on a segment's row: its input's id and its first sample in the input's 16 kHz audio."""
+UNLABELED_KEYS = ("language",)
+"""Input keys that do not make an input labeled: an input with no other key may be cut into segments."""
 _TSV_LABEL_FILES = (("wrd", "text"), ("phn", "phonemes"), ("ltr", "ltr"))
 _BLOCK_FRAMES = 1 << 17  # decode and resample in blocks: memory stays bounded for hour-long files
 _FULL_SCALE = 0.999
@@ -133,8 +162,9 @@ class InputItem:
     mtime_ns: int = -1
 
 
+# What follows an output prefix in its files' names (a part's prefix too: PREFIX_part0003_train_00000.bin).
 _OUTPUT_NAME = re.compile(
-    r"(_(train|valid)(_\d{5,}\.(bin|idx)(\.partial(\.resume)?)?|\.manifest\.jsonl(\.partial)?)"
+    r"(_part\d{4,})?(_(train|valid)(_\d{5,}\.(bin|idx)(\.partial(\.resume)?)?|\.manifest\.jsonl(\.partial)?)"
     r"|\.rejects\.jsonl(\.partial)?|\.preprocess\.json(\.tmp)?)"
 )
 
@@ -330,7 +360,10 @@ def _stat_and_dedupe_ids(items: list[InputItem], input_path: str) -> None:
 
 @dataclass(slots=True)
 class Kept:
-    """A decoded utterance: int16 samples at 16 kHz and what the report needs."""
+    """A decoded utterance: int16 samples at 16 kHz and what the report needs.
+
+    segments: when the input was cut, (offset, audio_hash) per segment, in order (the samples from each offset to
+    the next, or to the end); empty = one utterance, whose hash is audio_hash."""
 
     samples: np.ndarray
     orig_sample_rate: int
@@ -338,6 +371,7 @@ class Kept:
     orig_seconds: float
     warnings: list[str]
     audio_hash: str
+    segments: list[tuple[int, str]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -436,8 +470,25 @@ def decode_file(path: str, min_samples: int) -> Kept | Rejected:
         return Rejected("silent", f"{fmt}: peak-to-peak {peak_to_peak} LSB at 16 bit over "
                         f"{len(samples) / SAMPLE_RATE:.2f} s", seconds)
     notes = (["clipped"] if clipped else []) + (["overshoot"] if overshoot else [])
-    audio_hash = hashlib.blake2b(samples.astype("<i2", copy=False).data, digest_size=16).hexdigest()
-    return Kept(samples, sr, channels, seconds, notes, audio_hash)
+    return Kept(samples, sr, channels, seconds, notes, _audio_hash(samples))
+
+
+def _audio_hash(samples: np.ndarray) -> str:
+    """blake2b-128 hex of int16 [n] samples as little-endian bytes (the manifests' audio_hash)."""
+    return hashlib.blake2b(np.ascontiguousarray(samples, dtype="<i2").data, digest_size=16).hexdigest()
+
+
+def decode_and_segment(process_fn: Callable[[str, int], Kept | Rejected], path: str, min_samples: int,
+                       max_segment_samples: int) -> Kept | Rejected:
+    """process_fn(path, min_samples) (decode_file), then, when the result is longer than max_segment_samples (> 0),
+    its cut points and per-segment hashes in Kept.segments (segment.py's rule). Runs in the workers: an hour of
+    audio costs ~0.2 s of energy and hashing there, which the single writing process could not spare."""
+    result = process_fn(path, min_samples)
+    if isinstance(result, Kept) and 0 < max_segment_samples < len(result.samples):
+        offsets = cut_offsets(result.samples, max_segment_samples, min_samples)
+        ends = offsets[1:] + [len(result.samples)]
+        result.segments = [(a, _audio_hash(result.samples[a:b])) for a, b in zip(offsets, ends, strict=True)]
+    return result
 
 
 def _mix_to_mono(block: np.ndarray) -> np.ndarray:
@@ -465,14 +516,28 @@ def is_valid(uid: str, seed: int, valid_fraction: float) -> bool:
     return int.from_bytes(digest, "little") < valid_fraction * 2.0**64
 
 
+def part_of(uid: str, num_parts: int) -> int:
+    """The part (0 .. num_parts - 1) input `uid` belongs to: a hash of its id alone (salted apart from is_valid's,
+    so every part keeps the same valid share), stable when other inputs are added or reordered."""
+    digest = hashlib.blake2b(uid.encode(), digest_size=8, person=b"ms-part").digest()
+    return int.from_bytes(digest, "little") % num_parts
+
+
+def part_prefix(output_prefix: str, index: int) -> str:
+    """The outputs' prefix of part `index`: PREFIX_part0003."""
+    return f"{output_prefix}_part{index:04d}"
+
+
 # --------------------------------------------------------------------------------------------------- parallel decode
 
 
 def _worker_init(parent_pid: int) -> None:
     # Ctrl-C reaches the whole foreground group: the main process stops at a file boundary and checkpoints, the
     # workers carry on until then. SIGTERM keeps its default: the pool terminates workers with it once broken
-    # (ignoring it deadlocks the pool's shutdown while a worker blocks on writing a large result).
+    # (ignoring it deadlocks the pool's shutdown while a worker blocks on writing a large result). SIGUSR1 (Slurm's
+    # warning signal reaches every process of the step) is the main process's to act on; by default it would kill.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     # A worker holds both ends of the pool's task queue, so it never sees EOF when the main process is killed
     # (SIGKILL, OOM): without this it would wait forever as an orphan.
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
@@ -485,8 +550,11 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 
 def _ordered_results(items: list[InputItem], start: int, min_samples: int, workers: int,
-                     process_fn: Callable[[str, int], Kept | Rejected]) -> Iterator[tuple[int, Kept | Rejected | None]]:
+                     process_fn: Callable[[str, int], Kept | Rejected],
+                     max_segment_of: Callable[[InputItem], int] = lambda item: 0,
+                     ) -> Iterator[tuple[int, Kept | Rejected | None]]:
     """(index, result) in input order from `start`; None for an item rejected while listing.
+    Each file goes through decode_and_segment(process_fn, ..., max_segment_of(item)).
 
     At most 4 x workers files are in flight, so memory stays bounded whatever the writer's speed. When a worker
     dies (a decoder crash, the OOM killer), the files that were in flight are retried one at a time in a fresh
@@ -494,7 +562,8 @@ def _ordered_results(items: list[InputItem], start: int, min_samples: int, worke
     """
     if workers == 0:
         for k in range(start, len(items)):
-            yield k, None if items[k].reject else process_fn(items[k].source, min_samples)
+            yield k, None if items[k].reject else \
+                decode_and_segment(process_fn, items[k].source, min_samples, max_segment_of(items[k]))
         return
 
     def new_pool() -> ProcessPoolExecutor:
@@ -511,7 +580,8 @@ def _ordered_results(items: list[InputItem], start: int, min_samples: int, worke
                 if len(pending) >= (1 if isolating else 4 * workers):
                     break
                 item = items[nxt]
-                pending.append((nxt, None if item.reject else pool.submit(process_fn, item.source, min_samples)))
+                pending.append((nxt, None if item.reject else pool.submit(
+                    decode_and_segment, process_fn, item.source, min_samples, max_segment_of(item))))
                 nxt += 1
             if not pending:
                 return
@@ -733,6 +803,11 @@ class Summary:
     warnings: dict[str, int] = field(default_factory=dict)
     train_shards: int = 0
     valid_shards: int = 0
+    num_cut_inputs: int = 0
+    """Long unlabeled inputs cut into segments."""
+    num_segments: int = 0
+    """Segments those were cut into (kept or rejected; num_train + num_valid count the kept ones)."""
+    part: tuple[int, int] | None = None
     resumed_at: int = 0
     session_decoded_seconds: float = 0.0
     wall_seconds: float = 0.0
@@ -752,12 +827,18 @@ class Summary:
 
     def format(self, prefix: str = "PREFIX") -> str:
         rejects = sum(self.rejects.values())
+        of_part = f" (part {self.part[0]} of {self.part[1]})" if self.part else ""
         lines = [
-            f"{self.num_inputs} files in: {self.num_kept} kept ({self.num_train} train, {self.num_valid} valid), "
-            f"{self.kept_hours:.3f} h at 16 kHz in {self.train_shards} train + {self.valid_shards} valid shards",
+            f"{self.num_inputs} files in{of_part}: {self.num_kept} kept ({self.num_train} train, {self.num_valid} "
+            f"valid), {self.kept_hours:.3f} h at 16 kHz in {self.train_shards} train + {self.valid_shards} valid "
+            "shards",
             f"{rejects} rejected" + (": " + ", ".join(f"{r} {n}" for r, n in sorted(self.rejects.items()))
                                      + f" (see {prefix}.rejects.jsonl)" if rejects else ""),
         ]
+        if self.num_cut_inputs:
+            files = "file" if self.num_cut_inputs == 1 else "files"
+            lines.insert(1, f"{self.num_cut_inputs} long unlabeled {files} cut into {self.num_segments} segments "
+                         "(each a kept utterance or a reject)")
         if self.warnings:
             lines.append("warnings on kept files: " + ", ".join(f"{w} {n}" for w, n in sorted(self.warnings.items())))
         if self.resumed_at:
@@ -800,13 +881,17 @@ def _existing_outputs(prefix: str) -> list[str]:
 def preprocess(input_path: str, output_prefix: str, *, workers: int | None = None, valid_fraction: float = 0.01,
                shard_size_gb: float = 4.0, min_seconds: float = 0.5, seed: int = 0, progress: bool | None = None,
                checkpoint_seconds: float = 60.0, log: Callable[[str], None] | None = None,
-               process_fn: Callable[[str, int], Kept | Rejected] = decode_file) -> Summary:
+               process_fn: Callable[[str, int], Kept | Rejected] = decode_file, max_segment_seconds: float = 30.0,
+               part: tuple[int, int] | None = None) -> Summary:
     """Turn `input_path` (folder, JSONL or TSV manifest) into shards, manifests and rejects at `output_prefix`.
 
     workers: decode processes (None = the CPUs this process may use; 0 = decode in this process).
     valid_fraction: share of utterances (by hash of id and seed) in the valid split; 0 = no valid shards.
     shard_size_gb: a shard's .bin is closed before it would pass this many GB (1e9 bytes; fractions allowed).
     min_seconds: shorter utterances (at 16 kHz) are rejected as too_short.
+    max_segment_seconds: unlabeled inputs longer than this are cut into segments (0 = never; >= 2 x min_seconds).
+    part: (i, n) = process only part i of n (by id hash) into part_prefix(output_prefix, i); None = everything
+        into output_prefix.
     progress: a tqdm bar (None = when stderr is a terminal; otherwise a log line every 30 s).
     Resumes an interrupted run of the same arguments (see the module docstring); raises ValueError for bad
     arguments, a malformed input, or outputs of a different run at `output_prefix`.
@@ -814,26 +899,51 @@ def preprocess(input_path: str, output_prefix: str, *, workers: int | None = Non
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    min_samples = round(min_seconds * SAMPLE_RATE)
+    max_segment_samples = round(max_segment_seconds * SAMPLE_RATE)
     for ok, msg in ((workers >= 0, f"--workers={workers} must be >= 0 (0 decodes in the main process)"),
                     (0.0 <= valid_fraction <= 1.0, f"--valid-fraction={valid_fraction} must be in [0, 1]"),
                     (shard_size_gb * 1e9 >= 2, f"--shard-size-gb={shard_size_gb} must hold at least one sample"),
-                    (min_seconds >= 0, f"--min-seconds={min_seconds} must be >= 0")):
+                    (min_seconds >= 0, f"--min-seconds={min_seconds} must be >= 0"),
+                    (max_segment_samples == 0 or max_segment_samples >= 2 * max(min_samples, 1),
+                     f"--max-segment-seconds={max_segment_seconds} must be 0 (never cut) or at least twice "
+                     f"--min-seconds={min_seconds}: otherwise the segments could not all be long enough"),
+                    (part is None or 0 <= part[0] < part[1],
+                     f"--part {part[0] if part else ''}/{part[1] if part else ''}: the index must be in 0 .. N-1")):
         if not ok:
             raise ValueError(msg)
     if not os.path.basename(output_prefix):
         raise ValueError(f"--output-prefix {output_prefix!r} names a folder; give a path prefix such as "
                          f"{os.path.join(output_prefix, 'corpus')!r}")
-    prefix = output_prefix
+    if part:
+        _check_other_parts(output_prefix, part[1])
+    prefix = part_prefix(output_prefix, part[0]) if part else output_prefix
     journal_path = prefix + ".preprocess.json"
-    kind, items = list_inputs(input_path, prefix)
+    kind, items = list_inputs(input_path, output_prefix)  # leaves every part's outputs out of a folder walk
+    clash = next((it for it in items if any(k in it.labels for k in SEGMENT_KEYS)), None)
+    if clash:
+        key = next(k for k in SEGMENT_KEYS if k in clash.labels)
+        raise ValueError(f"--input {input_path}: the entry of {clash.source} has the key {key!r}, which the "
+                         f"preprocessor writes for segments of long recordings; rename it (e.g. \"input_{key}\")")
+    # Ids a segment id "{parent}@{offset}" could equal (ids of two parents never can): usually none.
+    segment_like_ids = {it.id for it in items if _SEGMENT_ID.search(it.id)}
+    num_listed = len(items)
+    if part:
+        items = [it for it in items if part_of(it.id, part[1]) == part[0]]
     params = {"format_version": FORMAT_VERSION, "input": os.path.abspath(input_path), "input_kind": kind,
               "num_inputs": len(items), "valid_fraction": valid_fraction, "shard_size_bytes": int(shard_size_gb * 1e9),
               "min_seconds": min_seconds, "seed": seed, "sample_rate": SAMPLE_RATE,
               "resample_quality": RESAMPLE_QUALITY, "libsndfile": sf.__libsndfile_version__,
-              "soundfile": sf.__version__, "soxr": soxr.__version__}
+              "soundfile": sf.__version__, "soxr": soxr.__version__, "max_segment_seconds": max_segment_seconds,
+              "part": list(part) if part else None}
     fingerprint = _fingerprint(kind, items, params)
     journal = _load_journal(journal_path, prefix, params, fingerprint)
-    summary = Summary(num_inputs=len(items), workers=workers)
+    summary = Summary(num_inputs=len(items), workers=workers, part=part)
+
+    def max_segment_of(item: InputItem) -> int:
+        # A label other than the language describes the whole file (a transcript, a speaker): never cut it.
+        return 0 if any(k not in UNLABELED_KEYS for k in item.labels) else max_segment_samples
+
     if journal and journal["complete"]:
         _fill_summary(summary, journal)
         _check_complete(prefix, journal)
@@ -842,7 +952,6 @@ def preprocess(input_path: str, output_prefix: str, *, workers: int | None = Non
 
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     max_bytes = params["shard_size_bytes"]
-    min_samples = round(min_seconds * SAMPLE_RATE)
     if journal is None:  # the journal exists before any output does: a crash leaves nothing unaccounted for
         journal = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "params": params, "complete": False,
                    "next_input": 0, "rejects_bytes": 0, "splits": {s: None for s in SPLITS}, "stats": {}}
@@ -869,7 +978,8 @@ def preprocess(input_path: str, output_prefix: str, *, workers: int | None = Non
         log(f"{prefix}: resuming at file {start} of {len(items)} ({summary.num_kept} kept, "
             f"{sum(summary.rejects.values())} rejected so far)")
     else:
-        log(f"{prefix}: {len(items)} inputs from {kind} {input_path}, {workers} workers")
+        of_part = f" (part {part[0]} of {part[1]}: {len(items)} of {num_listed})" if part else ""
+        log(f"{prefix}: {len(items)} inputs{of_part} from {kind} {input_path}, {workers} workers")
 
     def checkpoint(next_input: int, complete: bool = False) -> None:
         for split in splits.values():
@@ -886,41 +996,58 @@ def preprocess(input_path: str, output_prefix: str, *, workers: int | None = Non
     next_input = start
     try:
         with stop:
-            for k, result in _ordered_results(items, start, min_samples, workers, process_fn):
+            for k, result in _ordered_results(items, start, min_samples, workers, process_fn, max_segment_of):
                 item = items[k]
                 if result is None:
                     result = Rejected(*item.reject)
-                if isinstance(result, Kept):
-                    key = int(result.audio_hash[:16], 16)
-                    if key in seen:
-                        result = Rejected("duplicate", f"the same 16 kHz audio as the kept utterance {seen[key]!r}",
-                                          result.orig_seconds)
-                if isinstance(result, Kept):
-                    split_name = "valid" if is_valid(item.id, seed, valid_fraction) else "train"
-                    split = splits[split_name]
-                    if split.would_overflow(result.samples.nbytes):
-                        split.close_shard()
-                        checkpoint(k)  # before anything of file k is counted: a resume starts at k
-                        last_checkpoint = time.monotonic()
-                    seen[key] = item.id
-                    split.add(result.samples, {
-                        "id": item.id, "source": item.source, "samples": len(result.samples),
-                        "orig_sample_rate": result.orig_sample_rate, "orig_channels": result.orig_channels,
-                        "audio_hash": result.audio_hash, "warnings": result.warnings, **item.labels})
-                    setattr(summary, f"num_{split_name}", getattr(summary, f"num_{split_name}") + 1)
-                    summary.kept_samples += len(result.samples)
-                    for w in result.warnings:
-                        summary.warnings[w] = summary.warnings.get(w, 0) + 1
+                # The utterances of input k: (id, samples, audio_hash, segment keys); one unless it was cut.
+                utterances: list[tuple[str, np.ndarray, str, dict]] = []
+                if isinstance(result, Kept) and result.segments:
+                    ends = [a for a, _ in result.segments[1:]] + [len(result.samples)]
+                    utterances = [(f"{item.id}@{a}", result.samples[a:b], h, {"parent": item.id, "offset": a})
+                                  for (a, h), b in zip(result.segments, ends, strict=True)]
+                elif isinstance(result, Kept):
+                    utterances = [(item.id, result.samples, result.audio_hash, {})]
                 else:
-                    rejects.write((json.dumps({"source": item.source, "reason": result.reason,
-                                               "detail": result.detail, "id": item.id},
-                                              ensure_ascii=False) + "\n").encode())
-                    summary.rejects[result.reason] = summary.rejects.get(result.reason, 0) + 1
+                    _write_reject(rejects, summary, item, item.id, result.reason, result.detail, {})
+                # A resume starts at an input: the journal is written only before or after all of input k.
+                touched = closed_midway = False
+                split_name = "valid" if is_valid(item.id, seed, valid_fraction) else "train"  # a segment's too
+                split = splits[split_name]
+                for uid, samples, audio_hash, extra in utterances:
+                    key = int(audio_hash[:16], 16)
+                    if extra and uid in segment_like_ids:
+                        _write_reject(rejects, summary, item, uid, "duplicate_id",
+                                      f"id {uid!r} (a segment of {item.id!r}) is also an input's id", extra)
+                    elif key in seen:
+                        _write_reject(rejects, summary, item, uid, "duplicate",
+                                      f"the same 16 kHz audio as the kept utterance {seen[key]!r}", extra)
+                    else:
+                        if split.would_overflow(samples.nbytes):
+                            split.close_shard()
+                            if touched:
+                                closed_midway = True  # the journal follows once the whole input is written
+                            else:
+                                checkpoint(k)  # before anything of file k is counted: a resume starts at k
+                                last_checkpoint = time.monotonic()
+                        seen[key] = uid
+                        split.add(samples, {
+                            "id": uid, "source": item.source, "samples": len(samples),
+                            "orig_sample_rate": result.orig_sample_rate, "orig_channels": result.orig_channels,
+                            "audio_hash": audio_hash, "warnings": result.warnings, **extra, **item.labels})
+                        setattr(summary, f"num_{split_name}", getattr(summary, f"num_{split_name}") + 1)
+                        summary.kept_samples += len(samples)
+                        for w in result.warnings:
+                            summary.warnings[w] = summary.warnings.get(w, 0) + 1
+                    touched = True
+                if isinstance(result, Kept) and result.segments:
+                    summary.num_cut_inputs += 1
+                    summary.num_segments += len(result.segments)
                 summary.decoded_seconds += result.orig_seconds
                 summary.session_decoded_seconds += result.orig_seconds
                 next_input = k + 1
                 now = time.monotonic()
-                if now - last_checkpoint >= checkpoint_seconds:
+                if closed_midway or now - last_checkpoint >= checkpoint_seconds:
                     checkpoint(next_input)
                     last_checkpoint = now
                 bar_or_log = now - last_report >= (0.5 if bar else 30.0)
@@ -963,14 +1090,56 @@ def preprocess(input_path: str, output_prefix: str, *, workers: int | None = Non
     return summary
 
 
+_SEGMENT_ID = re.compile(r"@\d+\Z")
+
+
+def _write_reject(rejects, summary: Summary, item: InputItem, uid: str, reason: str, detail: str,
+                  extra: dict) -> None:
+    """One line of the rejects file: an input's, or (extra = its parent and offset) a segment's."""
+    rejects.write((json.dumps({"source": item.source, "reason": reason, "detail": detail, "id": uid, **extra},
+                              ensure_ascii=False) + "\n").encode())
+    summary.rejects[reason] = summary.rejects.get(reason, 0) + 1
+
+
+def _check_other_parts(output_prefix: str, num_parts: int) -> None:
+    """Refuse to add a part of num_parts next to parts of another split count (a resubmission with a wrong N
+    would put inputs in two parts, or in none)."""
+    for path in sorted(glob.glob(glob.escape(output_prefix) + "_part*.preprocess.json")):
+        try:
+            with open(path, encoding="utf-8") as f:
+                other = json.load(f).get("params", {}).get("part")
+        except (OSError, ValueError):
+            continue  # not ours to judge: _load_journal reports a broken journal of this part
+        if other and other[1] != num_parts:
+            raise ValueError(f"{path} is part {other[0]} of {other[1]}, this run splits the inputs into "
+                             f"{num_parts}: give --part I/{other[1]} (resubmitting some array tasks: set NUM_PARTS), "
+                             f"or delete {output_prefix}_part* to start over")
+
+
+def parts_status(output_prefix: str, num_parts: int) -> tuple[list[str], list[str]]:
+    """(complete, missing) part prefixes of a `num_parts`-part run at output_prefix, by their journals."""
+    complete, missing = [], []
+    for i in range(num_parts):
+        p = part_prefix(output_prefix, i)
+        try:
+            with open(p + ".preprocess.json", encoding="utf-8") as f:
+                done = json.load(f).get("complete", False)
+        except (OSError, ValueError):
+            done = False
+        (complete if done else missing).append(p)
+    return complete, missing
+
+
 def _stats(s: Summary) -> dict:
     return {"num_train": s.num_train, "num_valid": s.num_valid, "kept_samples": s.kept_samples,
             "decoded_seconds": s.decoded_seconds, "rejects": dict(sorted(s.rejects.items())),
-            "warnings": dict(sorted(s.warnings.items()))}
+            "warnings": dict(sorted(s.warnings.items())), "num_cut_inputs": s.num_cut_inputs,
+            "num_segments": s.num_segments}
 
 
 def _fill_summary(summary: Summary, journal: dict) -> None:
     st = journal["stats"]
+    summary.num_cut_inputs, summary.num_segments = st.get("num_cut_inputs", 0), st.get("num_segments", 0)
     summary.num_train, summary.num_valid = st.get("num_train", 0), st.get("num_valid", 0)
     summary.kept_samples, summary.decoded_seconds = st.get("kept_samples", 0), st.get("decoded_seconds", 0.0)
     summary.rejects, summary.warnings = dict(st.get("rejects", {})), dict(st.get("warnings", {}))
@@ -1015,7 +1184,8 @@ def _load_journal(path: str, prefix: str, params: dict, fingerprint: str) -> dic
 
 
 class _StopFlag:
-    """SIGINT/SIGTERM set `requested` (the loop stops at the next file boundary); a second SIGINT raises."""
+    """SIGINT/SIGTERM/SIGUSR1 set `requested` (the loop stops at the next file boundary); a second SIGINT raises.
+    USR1 is Slurm's warning before the time limit (launch/preprocess.sbatch: --signal=USR1@300)."""
 
     def __init__(self) -> None:
         self.requested: str | None = None
@@ -1028,7 +1198,7 @@ class _StopFlag:
 
     def __enter__(self) -> _StopFlag:
         try:
-            for s in (signal.SIGINT, signal.SIGTERM):
+            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
                 self._old[s] = signal.signal(s, self._handle)
         except ValueError:  # not the main thread: leave signals alone
             pass
