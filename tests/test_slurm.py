@@ -211,3 +211,62 @@ def test_usr1_after_a_checkpoint_with_workers_saves_requeues_and_resumes(cluster
     assert "training step exited 0: done" in second and "stop signal" not in second
     assert (save / "latest").read_text().strip() == str(total)
     assert train_steps(save) == list(range(1, total + 1))  # every step logged once
+
+
+def test_preprocess_array_two_parts_then_pretrain_reads_both(cluster, tmp_path):
+    """launch/preprocess.sbatch as a 2-task array (one part each, long recordings cut into segments): together the
+    parts hold every input exactly once, and a pre-training on `data.prefix='PREFIX_part*'` reads both."""
+    from megatron_speech.data.dataset import Corpus
+    from tests.test_preprocess import _tone, _write, read_jsonl
+    from tests.test_segment import write_flac
+
+    workdir, env = cluster
+    src = workdir / "prep_in"  # the demo corpus's shape in small: two speakers' tones, a long talk, a non-audio file
+    for i in range(10):
+        _write(src / f"spk{i % 2}" / f"u{i:02d}.wav", _tone(1.5 + 0.2 * i, 22050, 1, i), 22050, "WAV", "PCM_16")
+    write_flac(src / "talk.flac", 9, 5)
+    (src / "notes.txt").write_text("not audio")
+    inputs = {p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()}
+    prefix = workdir / "prep" / "corpus"
+    code, job = sbatch(env, "--array=0-1", "--cpus-per-task=1", "--time=10", f"--output={workdir}/prep-%A_%a.out",
+                       "--wait", "launch/preprocess.sbatch", "--input", str(src), "--output-prefix", str(prefix),
+                       "--max-segment-seconds", "3", "--min-seconds", "1.5", "--valid-fraction", "0.3")
+    logs = [(workdir / f"prep-{job}_{i}.out").read_text() for i in range(2)]
+    assert code == 0, "\n".join(log[-3000:] for log in logs)
+    for i, log in enumerate(logs):
+        assert f"part {i} of 2 done" in log and f"--part {i}/2 --workers 1" in log, log[-3000:]
+    assert any("all 2 parts complete" in log for log in logs)
+    assert f"data.prefix='{prefix}_part*'" in logs[0]
+
+    # Every input exactly once over both parts: kept whole (its id), cut (its segments' parent) or rejected.
+    parts = [f"{prefix}_part{i:04d}" for i in range(2)]
+    rows = [r for p in parts for s in ("train", "valid") for r in read_jsonl(Path(f"{p}_{s}.manifest.jsonl"))]
+    rejected = [r["id"] for p in parts for r in read_jsonl(Path(f"{p}.rejects.jsonl"))]
+    assert rejected == ["notes.txt"]
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids))
+    per_part = [{r.get("parent", r["id"]) for s in ("train", "valid")
+                 for r in read_jsonl(Path(f"{p}_{s}.manifest.jsonl"))} for p in parts]
+    assert all(per_part) and not per_part[0] & per_part[1]  # a recording's segments stay in its part
+    assert per_part[0] | per_part[1] | set(rejected) == inputs and not (per_part[0] | per_part[1]) & set(rejected)
+    assert any(r["id"] == f"talk.flac@{r.get('offset')}" for r in rows) and max(r["samples"] for r in rows) <= 48_000
+
+    # Pre-training reads both parts: every train utterance, and each part at its share of the audio.
+    train = [r for p in parts for r in read_jsonl(Path(f"{p}_train.manifest.jsonl"))]
+    corpus = Corpus(f"{prefix}_part*", "train")
+    assert corpus.prefixes == parts and len(corpus) == len(train)
+    assert int(corpus.lengths.sum()) == sum(r["samples"] for r in train)
+    save = tmp_path / "run"
+    run = subprocess.run([sys.executable, "-m", "megatron_speech.pretrain", "--config", "configs/tiny.yaml",
+                          f"data.prefix={prefix}_part*", f"train.save_dir={save}", "train.max_steps=2",
+                          "train.eval_interval=0", "train.log_interval=1", "train.save_interval=1000"],
+                         cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = run.stdout + run.stderr
+    part_samples = [sum(r["samples"] for r in read_jsonl(Path(f"{p}_train.manifest.jsonl"))) for p in parts]
+    for p, samples in zip(parts, part_samples, strict=True):
+        natural = re.search(rf"data: {Path(p).name}\s+\S+ h\s+sampling weight \S+ \(natural ([\d.]+)\)", out)
+        assert natural, out[-3000:]
+        assert float(natural.group(1)) == pytest.approx(samples / sum(part_samples), abs=1e-4)
+    assert train_steps(save) == [1, 2]
