@@ -43,7 +43,8 @@ class DataConfig:
     """Pre-training data: shards, batching, cropping and augmentation."""
 
     prefix: list[str] = field(default_factory=list)
-    """Output prefixes of tools/preprocess_audio.py (shards PREFIX_train_NNNNN.{bin,idx}); several to mix."""
+    """Output prefixes of tools/preprocess_audio.py (shards PREFIX_train_NNNNN.{bin,idx}); several to mix; a glob
+    pattern (`/data/cv_part*`) stands for every prefix whose manifest it matches (a Slurm array's parts)."""
     weights: list[float] = field(default_factory=list)
     """Relative mixing weight per prefix (one each); empty = in proportion to each prefix's audio."""
     valid_prefix: list[str] = field(default_factory=list)

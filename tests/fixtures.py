@@ -77,3 +77,11 @@ def write_tone_shards(root, num_train: int, num_valid: int) -> str:
     write_split(prefix, "train", utterances(num_train, "t"))
     write_split(prefix, "valid", utterances(num_valid, "v"))
     return prefix
+
+
+def output_bytes(path) -> bytes:
+    """What a byte-identical rerun must reproduce of an output file: its bytes, or for an utterance index its
+    content without the file stamps (mtimes) it records."""
+    from megatron_speech.data.index import content_digest
+
+    return content_digest(str(path)).encode() if str(path).endswith(".index") else open(path, "rb").read()

@@ -30,6 +30,8 @@ from megatron_speech.data.preprocess import (
     preprocess,
 )
 
+from tests.fixtures import output_bytes
+
 REPO = Path(__file__).resolve().parent.parent
 TOOL = REPO / "tools" / "preprocess_audio.py"
 
@@ -277,7 +279,7 @@ def test_sigkill_midway_then_rerun_gives_identical_bytes(tmp_path):
     assert "resuming at file" in resumed.stderr
 
     def normalized(path: Path, base: str) -> bytes:
-        data = path.read_bytes()
+        data = output_bytes(path)
         return data.replace(f'"{base}_'.encode(), b'"PREFIX_') if path.suffix in (".jsonl", ".json") else data
 
     names_a = sorted(p.name.replace("full", "PREFIX", 1) for p in full.parent.iterdir())
@@ -416,4 +418,4 @@ def test_sigterm_saves_progress_and_a_rerun_finishes_identically(tmp_path):
     summary = preprocess(str(src), str(out), **args)
     assert summary.resumed_at == 4 and summary.num_kept == 8
     for p in ref.parent.iterdir():
-        assert p.read_bytes() == (out.parent / p.name).read_bytes(), p.name
+        assert output_bytes(p) == output_bytes(out.parent / p.name), p.name

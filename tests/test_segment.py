@@ -18,6 +18,7 @@ import soundfile as sf
 
 from megatron_speech.data import preprocess as pp
 from megatron_speech.data.preprocess import is_valid, preprocess
+from tests.fixtures import output_bytes
 from tests.test_preprocess import TOOL, load_shard, read_jsonl
 
 RATE = 16_000
@@ -188,7 +189,7 @@ def test_crash_between_two_segments_then_rerun_gives_identical_bytes(tmp_path, m
         names = sorted(p.name for p in full.parent.iterdir())
         assert names == sorted(p.name for p in out.parent.iterdir())
         for name in names:
-            assert (full.parent / name).read_bytes() == (out.parent / name).read_bytes(), (n, name)
+            assert output_bytes(full.parent / name) == output_bytes(out.parent / name), (n, name)
 
 
 def test_parts_together_hold_every_input_once(tmp_path):
@@ -245,4 +246,4 @@ def test_usr1_stops_at_a_file_boundary_and_the_workers_survive_it(tmp_path):
     summary = preprocess(str(src), str(out), workers=0, **args)
     assert 1 <= summary.resumed_at <= 4 and summary.num_cut_inputs == 1 and not summary.rejects
     for p in ref.parent.iterdir():
-        assert p.read_bytes() == (out.parent / p.name).read_bytes(), p.name
+        assert output_bytes(p) == output_bytes(out.parent / p.name), p.name

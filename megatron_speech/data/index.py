@@ -266,6 +266,23 @@ def ensure_index(prefix: str, split: str, log=None) -> str:
     return path
 
 
+def content_digest(path: str) -> str:
+    """A digest of what the index says about the utterances, leaving out the file stamps it was checked against
+    (sizes and mtimes) and its prefix's name: indexes of equal manifests and shards, written at different times,
+    digest equal."""
+    import hashlib
+
+    header, start = _read_header(path)
+    base = header["prefix"]
+    names = [n[len(base):] if n.startswith(base) else n for n, *_ in header["shards"]]  # PREFIX_train_00000
+    header = {**header, "prefix": None, "manifest": None, "shards": names, "unused_shards": None}
+    h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    with open(path, "rb") as f:
+        f.seek(start)
+        h.update(f.read())
+    return h.hexdigest()
+
+
 class UtteranceIndex:
     """One split of one prefix, memory-mapped. Picklable: it travels as its path and is reopened on arrival."""
 

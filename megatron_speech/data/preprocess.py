@@ -39,6 +39,8 @@ Outputs, for PREFIX = out/corpus (shard names relative to the manifests' folder)
   out/corpus.rejects.jsonl   one object per rejected input (or segment): "source", "reason" (REJECT_REASONS),
                              "detail", "id" (and a segment's "parent", "offset").
   out/corpus.preprocess.json the run's journal: arguments, fingerprint, progress; "complete": true once done.
+  out/corpus_{train,valid}.index  the binary utterance index of each manifest (data/index.py), written last: what
+                             the trainer memory-maps instead of parsing the manifest.
 Both manifests and the rejects file always exist at the end (possibly empty). Every input (every segment of a cut
 one) lands in exactly one of them. The split is by a hash of (seed, id): an utterance stays in the same split when
 inputs are added or reordered; a segment goes by its parent's id, so valid never shares a recording with train.
@@ -165,16 +167,19 @@ class InputItem:
 # What follows an output prefix in its files' names (a part's prefix too: PREFIX_part0003_train_00000.bin).
 _OUTPUT_NAME = re.compile(
     r"(_part\d{4,})?(_(train|valid)(_\d{5,}\.(bin|idx)(\.partial(\.resume)?)?|\.manifest\.jsonl(\.partial)?)"
-    r"|\.rejects\.jsonl(\.partial)?|\.preprocess\.json(\.tmp)?)"
+    r"|_(train|valid)\.index(\.lock|\.tmp\.\d+)?"  # the utterance index (data/index.py)
+    r"|\.rejects\.jsonl(\.partial)?|\.preprocess\.(json(\.tmp)?|lock))"
 )
 
 
-def list_inputs(input_path: str, output_prefix: str | None = None) -> tuple[str, list[InputItem]]:
+def list_inputs(input_path: str, output_prefix: str | None = None, stat: bool = True) -> tuple[str, list[InputItem]]:
     """(kind, items) for a folder ("directory", or a corpus folder: "librispeech", "mls", "commonvoice", joined by
     "+"), a JSONL ("jsonl"), fairseq TSV ("tsv") or header table ("table", "commonvoice") manifest.
 
-    Files of `output_prefix`'s own outputs are left out of a folder walk. Items are stat'ed; missing files and
-    repeated ids are marked as rejects here. Raises ValueError for a malformed manifest, naming file and line.
+    Files of `output_prefix`'s own outputs are left out of a folder walk. Items are stat'ed (stat=False: the
+    caller calls _stat_and_dedupe_ids on the items it keeps, e.g. one part of 10^8 files on a parallel file
+    system); missing files and repeated ids are marked as rejects then. Raises ValueError for a malformed
+    manifest, naming file and line.
     """
     from megatron_speech.data import importers  # not at the top: importers builds InputItems (an import cycle)
 
@@ -190,7 +195,8 @@ def list_inputs(input_path: str, output_prefix: str | None = None) -> tuple[str,
         raise ValueError(f"--input {input_path!r} does not exist: give a folder of audio or a JSONL/TSV/CSV manifest")
     if not items:
         raise ValueError(f"--input {input_path!r} lists no files")
-    _stat_and_dedupe_ids(items, input_path)
+    if stat:
+        _stat_and_dedupe_ids(items, input_path)
     return kind, items
 
 
@@ -919,7 +925,9 @@ def preprocess(input_path: str, output_prefix: str, *, workers: int | None = Non
         _check_other_parts(output_prefix, part[1])
     prefix = part_prefix(output_prefix, part[0]) if part else output_prefix
     journal_path = prefix + ".preprocess.json"
-    kind, items = list_inputs(input_path, output_prefix)  # leaves every part's outputs out of a folder walk
+    # Every part's outputs are left out of a folder walk; only this part's inputs are stat'ed (an input's id, and
+    # so its part, is known before any file is touched; a repeated id always falls in the same part).
+    kind, items = list_inputs(input_path, output_prefix, stat=False)
     clash = next((it for it in items if any(k in it.labels for k in SEGMENT_KEYS)), None)
     if clash:
         key = next(k for k in SEGMENT_KEYS if k in clash.labels)
@@ -930,6 +938,8 @@ def preprocess(input_path: str, output_prefix: str, *, workers: int | None = Non
     num_listed = len(items)
     if part:
         items = [it for it in items if part_of(it.id, part[1]) == part[0]]
+    if items:
+        _stat_and_dedupe_ids(items, input_path)
     params = {"format_version": FORMAT_VERSION, "input": os.path.abspath(input_path), "input_kind": kind,
               "num_inputs": len(items), "valid_fraction": valid_fraction, "shard_size_bytes": int(shard_size_gb * 1e9),
               "min_seconds": min_seconds, "seed": seed, "sample_rate": SAMPLE_RATE,
@@ -948,6 +958,7 @@ def preprocess(input_path: str, output_prefix: str, *, workers: int | None = Non
         _fill_summary(summary, journal)
         _check_complete(prefix, journal)
         log(f"{prefix}: already complete for these inputs and arguments; nothing to do")
+        _write_indexes(prefix, log)
         return summary
 
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
@@ -1086,8 +1097,18 @@ def preprocess(input_path: str, output_prefix: str, *, workers: int | None = Non
                 split.close_files()
         if not rejects.closed:
             rejects.close()
+    _write_indexes(prefix, log)
     summary.wall_seconds = time.monotonic() - t0
     return summary
+
+
+def _write_indexes(prefix: str, log: Callable[[str], None]) -> None:
+    """The binary utterance index of each split (data/index.py), so that no trainer parses the manifests: built
+    after the journal says complete (a crash in between leaves it to the trainer, which builds a missing one)."""
+    from megatron_speech.data.index import ensure_index
+
+    for split in SPLITS:
+        ensure_index(prefix, split, log)
 
 
 _SEGMENT_ID = re.compile(r"@\d+\Z")
@@ -1163,7 +1184,9 @@ def _load_journal(path: str, prefix: str, params: dict, fingerprint: str) -> dic
     """The journal of an earlier run of the same job, None for a fresh start; ValueError when they differ."""
     if not os.path.exists(path):
         # A leftover journal temp file only means a crash before the first journal was in place.
-        found = [n for n in _existing_outputs(prefix) if not n.endswith(".preprocess.json.tmp")]
+        # Nor do a lock file (noise packing takes one before it starts) or an index built by a trainer.
+        found = [n for n in _existing_outputs(prefix)
+                 if not n.endswith((".preprocess.json.tmp", ".preprocess.lock", ".index", ".index.lock"))]
         if found:
             raise ValueError(f"{found[0]} (and {len(found) - 1} more) exist at --output-prefix {prefix} without "
                              f"{os.path.basename(path)}: not the outputs of a resumable run of this tool; delete "
