@@ -21,8 +21,8 @@ from megatron_speech.config import load_config
 from megatron_speech.training.dry_run import format_plan, make_plan, model_state_bytes, parameter_counts, split_args
 from tests.fixtures import ROOT, write_split
 
-SCRIPTS = ["launch/pretrain_xl_4x8.sbatch", "launch/finetune.sbatch", "launch/local.sh", "launch/common.sh",
-           "tests/slurm/cluster.sh"]
+SCRIPTS = ["launch/pretrain_xl_4x8.sbatch", "launch/finetune.sbatch", "launch/preprocess.sbatch", "launch/local.sh",
+           "launch/common.sh", "tests/slurm/cluster.sh"]
 
 
 # ------------------------------------------------------------------------------------------------------------
