@@ -368,7 +368,7 @@ def test_xl_plan_on_4x8(shards):
     ({"tensor_model_parallel_size": 3}, 24, "must divide model.num_attention_heads=16"),
     ({"prefix": ["/nonexistent/prefix"]}, 32, "no shards /nonexistent/prefix_train_NNNNN"),
     ({"prefix": []}, 32, "data.prefix is empty"),
-    ({"noise_dir": "/nonexistent/musan"}, 32, "data.noise_dir='/nonexistent/musan' has no noise/ folder"),
+    ({"noise_dir": "/nonexistent/musan"}, 32, "data.noise_dir='/nonexistent/musan' is neither a MUSAN folder"),
 ])
 def test_plan_names_the_problem(change, world, expected, shards):
     cfg = load_config(str(ROOT / "configs/xl.yaml"), [f"data.prefix={shards}"])
