@@ -8,16 +8,20 @@ import json
 import multiprocessing as mp
 import os
 import pickle
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
 
+from megatron_speech.data import dataset as dataset_module
 from megatron_speech.data import index as index_module
 from megatron_speech.data.augment import Augmenter
 from megatron_speech.data.dataset import AudioShards, Corpus, expand_prefixes
-from megatron_speech.data.index import UtteranceIndex, build_index, ensure_index
+from megatron_speech.data.index import UtteranceIndex, build_index, content_digest, ensure_index
 from megatron_speech.data.noise import PACKED, open_noise
 from megatron_speech.data.sampler import DynamicBatchSampler
 from megatron_speech.models.wav2vec2.masker import counter_rng
@@ -68,8 +72,7 @@ def test_a_missing_or_stale_index_is_rebuilt_and_equals_a_fresh_one(prefix, tmp_
 
     def same_as_fresh():
         build_index(prefix, "train", str(fresh))
-        a, b = open(path, "rb").read(), open(fresh, "rb").read()
-        assert a == b
+        assert content_digest(path) == content_digest(str(fresh))
 
     os.remove(path)  # missing
     assert Corpus(prefix, "train") and os.path.exists(path)
@@ -208,11 +211,62 @@ def test_noise_is_packed_once_and_read_by_memory_map(tmp_path):
     assert open_noise(str(folder / PACKED), ["music"]).count("music") == 2
 
 
-def test_prefix_patterns_expand_to_the_parts(tmp_path):
+def test_prefix_patterns_expand_to_all_the_parts_or_refuse(tmp_path):
+    def journal(k, complete=True):
+        Path(f"{tmp_path}/cv_part{k:04d}.preprocess.json").write_text(
+            json.dumps({"complete": complete, "params": {"part": [k, 3]}}))
+
     for k in (1, 0):
         write_split(str(tmp_path / f"cv_part{k:04d}"), "train", _utterances(np.random.default_rng(k), 3, f"p{k}_"))
-    assert expand_prefixes([str(tmp_path / "cv_part*")], "train") == [str(tmp_path / "cv_part0000"),
-                                                                       str(tmp_path / "cv_part0001")]
-    assert len(Corpus(str(tmp_path / "cv_part*"), "train")) == 6
+        journal(k)
+    # part 2 of 3 failed (no manifest): training on the other two would silently leave it out
+    with pytest.raises(FileNotFoundError, match=r"1 of the 3 parts of .*cv are missing or unfinished \(cv_part0002"):
+        Corpus(str(tmp_path / "cv_part*"), "train")
+    write_split(str(tmp_path / "cv_part0002"), "train", _utterances(np.random.default_rng(2), 3, "p2_"))
+    journal(2, complete=False)  # its manifest is there, its journal says unfinished
+    with pytest.raises(FileNotFoundError, match="missing or unfinished"):
+        Corpus(str(tmp_path / "cv_part*"), "train")
+    journal(2)
+    assert expand_prefixes([str(tmp_path / "cv_part*")], "train") == [str(tmp_path / f"cv_part{k:04d}")
+                                                                       for k in range(3)]
+    assert len(Corpus(str(tmp_path / "cv_part*"), "train")) == 9
     with pytest.raises(FileNotFoundError, match="matches no train manifest"):
         expand_prefixes(str(tmp_path / "nothing*"), "train")
+
+
+_OUTLIVE = """
+import sys
+from megatron_speech.data.dataset import AudioShards, Corpus
+view = Corpus(sys.argv[1], "train").read(3)      # the Corpus is gone at once
+labeled = AudioShards(sys.argv[1], "train").read(5)
+print(int(view.astype("int64").sum()), int(labeled.astype("int64").sum()))
+"""
+
+
+def test_audio_views_outlive_their_corpus(prefix):
+    """A view into a shard must keep its mapping: megatron's reader unmapped it with the dataset (a segfault)."""
+    out = subprocess.run([sys.executable, "-c", _OUTLIVE, prefix], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    corpus = Corpus(prefix, "train")
+    assert out.stdout.split() == [str(int(corpus.read(i).astype(np.int64).sum())) for i in (3, 5)]
+
+
+def test_open_shard_mappings_are_bounded(prefix, monkeypatch):
+    monkeypatch.setattr(dataset_module, "MAX_OPEN_SHARDS", 2)
+    corpus, reference = Corpus(prefix, "train"), AudioShards(prefix, "train")
+    for i in list(range(len(corpus))) * 2:  # 40 utterances over 3 shards, twice
+        assert np.array_equal(corpus.read(i), reference.read(i))
+        assert len(corpus._shards) <= 2
+
+
+def test_a_worker_refuses_an_index_rebuilt_under_the_job(tmp_path):
+    p = str(tmp_path / "moving")
+    write_split(p, "train", _utterances(np.random.default_rng(3), 6, "m"))
+    payload = pickle.dumps(Corpus(p, "train"))  # what a DataLoader worker receives
+    rows = _rows(p)[1:]  # an utterance removed: every later one moves up by one
+    with open(f"{p}_train.manifest.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    Corpus(p, "train")  # another job (or rank) rebuilds the index
+    with pytest.raises(RuntimeError, match="was rebuilt while this job ran"):
+        pickle.loads(payload)

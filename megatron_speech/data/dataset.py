@@ -24,7 +24,9 @@ import glob
 import json
 import logging
 import os
+import re
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,13 +42,19 @@ SPLITS = ("train", "valid")
 _AUDIO_KEYS = ("shard", "index", "id", "source", "samples", "orig_sample_rate", "orig_channels", "audio_hash",
                "warnings", "parent", "offset")
 _GLOB = "*?["
+MAX_OPEN_SHARDS = 256  # shard mappings a process keeps open (960k hours are ~27k shards; vm.max_map_count 65530)
+_PART = re.compile(r"_part\d{4,}$")
 
 __all__ = ["SPLITS", "AudioShards", "Corpus", "expand_prefixes", "manifest_path"]
 
 
 def expand_prefixes(prefix: str | Sequence[str], split: str) -> list[str]:
     """data.prefix as a list; an entry with a glob pattern (`/data/cv_part*`) becomes the prefixes whose
-    `_{split}.manifest.jsonl` it matches, sorted (the parts of a Slurm-array preprocessing run)."""
+    `_{split}.manifest.jsonl` it matches, sorted (the parts of a Slurm-array preprocessing run).
+
+    Parts of an array run (PREFIX_partIIII, their journals say "part I of N") are taken only all together: a
+    pattern that matches some parts of N while others are missing or unfinished (a failed array task, one still
+    running) raises, naming them; otherwise ranks starting a moment apart could see different corpora."""
     given = [prefix] if isinstance(prefix, str) else list(prefix)
     out: list[str] = []
     for p in given:
@@ -58,8 +66,42 @@ def expand_prefixes(prefix: str | Sequence[str], split: str) -> list[str]:
         if not found:
             raise FileNotFoundError(f"data.prefix pattern {p!r} matches no {split} manifest ({p}{suffix}): check "
                                     "the path, or run tools/preprocess_audio.py first")
+        _check_parts_complete(p, found)
         out += found
     return out
+
+
+def _check_parts_complete(pattern: str, found: list[str]) -> None:
+    from megatron_speech.data.preprocess import part_prefix, parts_status
+
+    runs: dict[tuple[str, int], set[str]] = {}
+    for prefix in found:
+        try:
+            with open(prefix + ".preprocess.json", encoding="utf-8") as f:
+                part = json.load(f).get("params", {}).get("part")
+        except (OSError, ValueError):
+            continue  # written by hand or by another tool: no parts to check
+        if part and _PART.search(prefix):
+            runs.setdefault((_PART.sub("", prefix), int(part[1])), set()).add(prefix)
+    for (base, num_parts), _ in sorted(runs.items()):
+        complete, missing = parts_status(base, num_parts)
+        if missing:
+            raise FileNotFoundError(
+                f"data.prefix pattern {pattern!r}: {len(missing)} of the {num_parts} parts of {base} are missing or "
+                f"unfinished ({', '.join(os.path.basename(m) for m in missing[:5])}"
+                f"{', ...' if len(missing) > 5 else ''}): finish them (NUM_PARTS={num_parts} sbatch --array=... "
+                "launch/preprocess.sbatch ...), or list the prefixes to train on explicitly")
+        stray = [p for p in found if _PART.sub("", p) == base and p not in {part_prefix(base, i)
+                                                                              for i in range(num_parts)}]
+        if stray:
+            raise ValueError(f"data.prefix pattern {pattern!r} matches {stray[0]}, not one of the {num_parts} parts "
+                             f"of {base}: remove it or list the prefixes explicitly")
+
+
+def corpus_name(prefix: str) -> str:
+    """The name a prefix's audio is grouped under when it has no language label: its base name, without an
+    array part's `_partIIII` (the parts of one corpus are one group)."""
+    return _PART.sub("", os.path.basename(prefix.rstrip("/"))) or prefix
 
 
 class Corpus:
@@ -78,6 +120,8 @@ class Corpus:
         if not prefixes:
             raise ValueError("no data prefix given: set data.prefix to the --output-prefix of "
                              "tools/preprocess_audio.py")
+        if len(prefixes) > 32767:  # prefix numbers are int16 per utterance
+            raise ValueError(f"data.prefix names {len(prefixes)} prefixes; at most 32767 are supported: merge parts")
         self.prefixes, self.split = prefixes, split
         self.indexes = [UtteranceIndex.open(p, split, log or logger.info) for p in prefixes]
         for p, index in zip(prefixes, self.indexes, strict=True):
@@ -94,14 +138,16 @@ class Corpus:
         self._reset()
 
     def _reset(self) -> None:
-        self._shards: dict[tuple[int, int], Any] = {}  # (prefix, shard code) -> open IndexedDataset
+        # (prefix, shard code) -> the shard's .bin as int16 memmap, least recently used first; at most
+        # MAX_OPEN_SHARDS mappings per process (a view handed out keeps its own mapping alive).
+        self._shards: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._lengths: np.ndarray | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # What a worker receives: the index paths (UtteranceIndex pickles as its path) and small tables; the mmaps
         # and the arrays built on first use stay behind.
         state = self.__dict__.copy()
-        state.update(_shards={}, _lengths=None)
+        state.update(_shards=OrderedDict(), _lengths=None)
         return state
 
     def __len__(self) -> int:
@@ -170,13 +216,16 @@ class Corpus:
         if offset < 0 or count < 0 or offset + count > length:
             raise IndexError(f"samples [{offset}, {offset + count}) are outside utterance {i} ({index.id(j)}) "
                              f"of {length} samples")
-        code = int(index.shard[j])
-        dataset = self._shards.get((p, code))
-        if dataset is None:
-            from megatron_speech.data.index import _open_shard
-
-            dataset = self._shards[(p, code)] = _open_shard(index.shard_path(code))
-        return dataset.get(int(index.position[j]), offset, count)
+        key = (p, int(index.shard[j]))
+        shard = self._shards.get(key)
+        if shard is None:
+            shard = self._shards[key] = np.memmap(index.shard_path(key[1]) + ".bin", dtype=np.int16, mode="r")
+            if len(self._shards) > MAX_OPEN_SHARDS:
+                self._shards.popitem(last=False)
+        else:
+            self._shards.move_to_end(key)
+        start = int(index.pointer[j]) // 2 + offset  # int16: 2 bytes per sample
+        return shard[start:start + count]
 
     def id(self, i: int) -> str:
         p, j = self.locate(i)

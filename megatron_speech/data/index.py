@@ -15,12 +15,20 @@ File `PREFIX_{split}.index`: magic `MSPINDEX`, a little-endian uint64 header len
 manifest's and each shard .idx's size and mtime it was built from, shard names, language names, array layout),
 then 64-byte aligned arrays, one entry per manifest row in manifest order:
   lengths int32 (samples at 16 kHz; megatron's .idx caps a sequence at int32 too), shard int32 (into the shard
-  names), position int32 (in that shard), language int16 (into the language names; -1 = no "language" label),
-  id_offsets int64 [N + 1] and id_blob uint8 (UTF-8 ids).
+  names), position int32 (in that shard), pointer int64 (the utterance's byte offset in the shard's .bin, from
+  megatron's .idx), language int16 (into the language names; -1 = no "language" label), id_offsets int64 [N + 1]
+  and id_blob uint8 (UTF-8 ids).
+Audio is read from the shard's .bin through numpy's memmap at that pointer rather than through megatron's
+IndexedDataset: its reader closes the mapping when the dataset object goes, even while arrays still view it (a
+segfault), and holds 3 file descriptors per shard (960k hours are ~27k shards of 4 GB: a worker that touched them
+all would run out); a numpy view keeps its mapping alive, and a closed shard map costs nothing.
 The JSONL manifest stays the source of truth: an index whose manifest or shards changed size or mtime is stale and
 rebuilt. Building takes a file lock (`.index.lock`): one process builds, the others wait and then open its result;
 the file is written to a temporary name and renamed, so a reader never sees half an index, also where the file
-system has no working locks (then several processes may build the same bytes, and the last rename wins).
+system has no working locks (then several processes may build the same bytes, and the last rename wins). Every
+build has its own id: a DataLoader worker reopening the index by path checks that it is the rank's, so an index
+rebuilt under a running job (its manifest edited) is an error, never another corpus read at the same positions.
+Copying a dataset without keeping mtimes (`cp -a` and `rsync -a` keep them) makes its indexes stale: rebuilt once.
 
     python -m megatron_speech.data.index PREFIX [PREFIX ...]   # build or check ahead of a job
 """
@@ -33,6 +41,8 @@ import glob
 import json
 import os
 import sys
+import tempfile
+import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,10 +51,10 @@ from typing import Any
 import numpy as np
 
 MAGIC = b"MSPINDEX"
-VERSION = 1
+VERSION = 2
 _ALIGN = 64
-_ARRAYS = (("lengths", np.int32), ("shard", np.int32), ("position", np.int32), ("language", np.int16),
-           ("id_offsets", np.int64), ("id_blob", np.uint8))
+_ARRAYS = (("lengths", np.int32), ("shard", np.int32), ("position", np.int32), ("pointer", np.int64),
+           ("language", np.int16), ("id_offsets", np.int64), ("id_blob", np.uint8))
 _REQUIRED_KEYS = ("shard", "index", "id", "samples")
 _INT32_MAX = 2**31 - 1
 
@@ -88,13 +98,14 @@ def build_index(prefix: str, split: str, out_path: str | None = None) -> str:
     folder = os.path.dirname(os.path.abspath(manifest))
     manifest_stamp = _stamp(manifest)
     shard_names: list[str] = []
+    shard_stamps: list[list[int]] = []  # taken before reading: a shard rewritten meanwhile reads as stale
     shard_code: dict[str, int] = {}
-    stored: list[np.ndarray] = []  # per shard: its sequence lengths (from megatron's .idx)
+    stored: list[tuple[np.ndarray, np.ndarray]] = []  # per shard: sequence lengths and byte pointers
     language_code: dict[str, int] = {}
     # Typed growing arrays (not per-row dicts): ~25 bytes per row while parsing.
     from array import array
 
-    lengths, shard, position, language = array("i"), array("i"), array("i"), array("h")
+    lengths, shard, position, pointer, language = array("i"), array("i"), array("i"), array("q"), array("h")
     id_offsets, id_blob = array("q", [0]), bytearray()
     with open(manifest, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
@@ -119,8 +130,10 @@ def build_index(prefix: str, split: str, out_path: str | None = None) -> str:
             if code is None:
                 code = shard_code[name] = len(shard_names)
                 shard_names.append(name)
-                stored.append(_shard_lengths(os.path.join(folder, name), where))
-            held = stored[code]
+                path = os.path.join(folder, name)
+                shard_stamps.append(_stamp(path + ".idx") if os.path.isfile(path + ".idx") else [])
+                stored.append(_shard_table(path, where))
+            held, pointers = stored[code]
             index, samples = row["index"], row["samples"]
             if index >= len(held):
                 raise ValueError(f"{where}: index {index} points outside shard {os.path.join(folder, name)}.idx, "
@@ -141,6 +154,7 @@ def build_index(prefix: str, split: str, out_path: str | None = None) -> str:
             lengths.append(samples)
             shard.append(code)
             position.append(index)
+            pointer.append(int(pointers[index]))
             id_blob += str(row["id"]).encode()
             id_offsets.append(len(id_blob))
     if len(language_code) > 32767:
@@ -148,12 +162,12 @@ def build_index(prefix: str, split: str, out_path: str | None = None) -> str:
     on_disk = {os.path.abspath(p[:-4]) for p in glob.glob(glob.escape(f"{prefix}_{split}_") + "*.idx")}
     unused = sorted(on_disk - {os.path.abspath(os.path.join(folder, n)) for n in shard_names})
     header = {
-        "version": VERSION, "prefix": os.path.basename(prefix), "split": split, "num": len(lengths),
-        "manifest": manifest_stamp,
-        "shards": [[n, *_stamp(os.path.join(folder, n) + ".idx")] for n in shard_names],
+        "version": VERSION, "build_id": uuid.uuid4().hex, "prefix": os.path.basename(prefix), "split": split,
+        "num": len(lengths), "manifest": manifest_stamp,
+        "shards": [[n, *stamp] for n, stamp in zip(shard_names, shard_stamps, strict=True)],
         "languages": list(language_code), "unused_shards": unused,
     }
-    arrays = {"lengths": lengths, "shard": shard, "position": position, "language": language,
+    arrays = {"lengths": lengths, "shard": shard, "position": position, "pointer": pointer, "language": language,
               "id_offsets": id_offsets, "id_blob": id_blob}
     out = out_path or index_path(prefix, split)
     _write(out, header, {k: np.frombuffer(v, dtype=d) if len(v) else np.zeros(0, d) for (k, d), v in
@@ -161,7 +175,8 @@ def build_index(prefix: str, split: str, out_path: str | None = None) -> str:
     return out
 
 
-def _shard_lengths(shard_prefix: str, where: str) -> np.ndarray:
+def _shard_table(shard_prefix: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(sequence lengths, byte pointers) of a shard, copied out of megatron's .idx (its mapping closes with it)."""
     for ext in (".idx", ".bin"):
         if not os.path.isfile(shard_prefix + ext):
             raise FileNotFoundError(f"{where} names shard {shard_prefix}, but {shard_prefix}{ext} does not "
@@ -170,7 +185,7 @@ def _shard_lengths(shard_prefix: str, where: str) -> np.ndarray:
     if dataset.index.dtype != np.int16:
         raise ValueError(f"shard {shard_prefix}.idx holds {np.dtype(dataset.index.dtype).name}, expected int16 "
                          "PCM (written by tools/preprocess_audio.py)")
-    return np.array(dataset.sequence_lengths)
+    return np.array(dataset.index.sequence_lengths), np.array(dataset.index.sequence_pointers)
 
 
 def _write(path: str, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
@@ -185,16 +200,18 @@ def _write(path: str, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> 
     blob = json.dumps(header).encode()
     start = len(MAGIC) + 8 + len(blob)
     start += (-start) % _ALIGN
-    tmp = f"{path}.tmp.{os.getpid()}"
+    # A unique temporary name (PIDs repeat across the containers of several nodes), renamed into place.
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp.", dir=os.path.dirname(os.path.abspath(path)))
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             f.write(MAGIC + len(blob).to_bytes(8, "little") + blob)
             for name, _ in _ARRAYS:
                 f.seek(start + layout[name][0])
-                f.write(arrays[name].tobytes())
+                f.write(np.ascontiguousarray(arrays[name]).data)  # no bytes copy of a 10 GB array
             f.truncate(start + offset)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -204,12 +221,14 @@ def _write(path: str, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> 
 # --------------------------------------------------------------------------------------------------- reading
 
 
-def _read_header(path: str) -> tuple[dict[str, Any], int]:
-    with open(path, "rb") as f:
-        if f.read(len(MAGIC)) != MAGIC:
-            raise ValueError(f"{path} is not an utterance index (bad magic): delete it and it is rebuilt")
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
+def _read_header(path: str, f=None) -> tuple[dict[str, Any], int]:
+    if f is None:
+        with open(path, "rb") as g:
+            return _read_header(path, g)
+    if f.read(len(MAGIC)) != MAGIC:
+        raise ValueError(f"{path} is not an utterance index (bad magic): delete it and it is rebuilt")
+    size = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(size))
     start = len(MAGIC) + 8 + size
     return header, start + (-start) % _ALIGN
 
@@ -239,8 +258,8 @@ def _locked(path: str) -> Iterator[None]:
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as e:
-            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+        except OSError as e:  # no locks here (e.g. Lustre without -o flock: ENOSYS): the atomic rename still holds
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                 raise
         yield
     finally:
@@ -259,23 +278,25 @@ def ensure_index(prefix: str, split: str, log=None) -> str:
             log(f"building the utterance index {path} from {manifest_path(prefix, split)}")
         try:
             build_index(prefix, split)
-        except PermissionError as e:
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
             raise PermissionError(f"cannot write the utterance index {path} ({e.strerror}): build it where the "
                                   f"folder is writable with `python -m megatron_speech.data.index {prefix}`, "
-                                  "then copy it next to the manifest") from None
+                                  "then copy it next to the manifest (keeping mtimes: cp -a)") from None
     return path
 
 
 def content_digest(path: str) -> str:
     """A digest of what the index says about the utterances, leaving out the file stamps it was checked against
-    (sizes and mtimes) and its prefix's name: indexes of equal manifests and shards, written at different times,
-    digest equal."""
+    (sizes and mtimes), its build id and its prefix's name: indexes of equal manifests and shards, written at
+    different times, digest equal."""
     import hashlib
 
     header, start = _read_header(path)
     base = header["prefix"]
     names = [n[len(base):] if n.startswith(base) else n for n, *_ in header["shards"]]  # PREFIX_train_00000
-    header = {**header, "prefix": None, "manifest": None, "shards": names, "unused_shards": None}
+    header = {**header, "build_id": None, "prefix": None, "manifest": None, "shards": names, "unused_shards": None}
     h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
     with open(path, "rb") as f:
         f.seek(start)
@@ -286,15 +307,26 @@ def content_digest(path: str) -> str:
 class UtteranceIndex:
     """One split of one prefix, memory-mapped. Picklable: it travels as its path and is reopened on arrival."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, build_id: str | None = None) -> None:
         self.path = path
-        header, start = _read_header(path)
+        with open(path, "rb") as f:  # header and mapping from one open file: a rename meanwhile cannot mix two
+            header, start = _read_header(path, f)
+            if build_id is not None and header.get("build_id") != build_id:
+                raise RuntimeError(f"the utterance index {path} was rebuilt while this job ran (its manifest or "
+                                   "shards changed): the job's processes would read different corpora; restart it")
+            size = os.fstat(f.fileno()).st_size
+            end = max((header["arrays"][n][0] + header["arrays"][n][1] * np.dtype(d).itemsize for n, d in _ARRAYS),
+                      default=0)
+            if size < start + end:
+                raise ValueError(f"{path} is truncated ({size} bytes, its header needs {start + end}): delete it "
+                                 "and it is rebuilt")
+            raw = np.memmap(f, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
         self.header = header
+        self.build_id: str = header["build_id"]
         self.num = int(header["num"])
         self.shard_names: list[str] = [s[0] for s in header["shards"]]
         self.language_names: list[str] = list(header["languages"])
         self.unused_shards: list[str] = list(header.get("unused_shards", []))
-        raw = np.memmap(path, dtype=np.uint8, mode="r")
         for name, dtype in _ARRAYS:
             offset, count = header["arrays"][name]
             a = raw[start + offset:start + offset + count * np.dtype(dtype).itemsize].view(dtype)
@@ -316,7 +348,8 @@ class UtteranceIndex:
         return os.path.join(self.folder, self.shard_names[code])
 
     def __reduce__(self):
-        return (UtteranceIndex, (self.path,))
+        # A worker reopens the file by path and checks it is the same build as the rank's.
+        return (UtteranceIndex, (self.path, self.build_id))
 
 
 def main(argv: list[str]) -> int:

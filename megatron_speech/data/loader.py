@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 
 from megatron_speech.data.augment import SPEED_MARGIN, Augmenter
 from megatron_speech.data.crop import crop_num_frames, crop_num_samples
-from megatron_speech.data.dataset import Corpus
+from megatron_speech.data.dataset import Corpus, corpus_name
 from megatron_speech.data.noise import check_noise_source, open_noise
 from megatron_speech.data.sampler import DynamicBatchSampler, Position, Slot
 from megatron_speech.models.wav2vec2.config import SAMPLE_RATE, Wav2Vec2Config
@@ -322,18 +322,21 @@ def _mixing_groups(corpus: Corpus, keep: np.ndarray, data_cfg: Any
                    ) -> tuple[np.ndarray, list[str], list[float] | None]:
     """Group per utterance (int16; -1 = not kept): with data.weights, its prefix (weights are per prefix);
     otherwise its "language" label, falling back to its prefix for utterances without one."""
-    names = [os.path.basename(p.rstrip("/")) or p for p in corpus.prefixes]
-    if len(set(names)) < len(names):
-        names = list(corpus.prefixes)
     if data_cfg.weights:
+        names = [os.path.basename(p.rstrip("/")) or p for p in corpus.prefixes]
+        if len(set(names)) < len(names):
+            names = list(corpus.prefixes)
         if len(data_cfg.weights) != len(corpus.prefixes):
             raise ValueError(f"data.weights has {len(data_cfg.weights)} entries but data.prefix has "
-                             f"{len(corpus.prefixes)}: give one weight per prefix, or none")
+                             f"{len(corpus.prefixes)} (after expanding patterns): give one weight per prefix, or none")
         groups = corpus.prefix_index
         groups[~keep] = -1
         return groups, names, [float(w) for w in data_cfg.weights]
+    # Without a language label: the prefix's corpus name (the parts of an array run are one group, so that
+    # splitting a corpus into 64 parts does not multiply its weight under temperature sampling).
+    names = [corpus_name(p) for p in corpus.prefixes]
     languages = corpus.language_names
-    group_names = list(languages) + [n for n in names if n not in languages]
+    group_names = list(languages) + [n for n in dict.fromkeys(names) if n not in languages]
     code = {n: i for i, n in enumerate(group_names)}
     groups = corpus.languages  # int16 [N], new: at 10^8 utterances every byte per utterance is 100 MB
     if (groups < 0).any():
