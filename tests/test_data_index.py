@@ -22,7 +22,7 @@ from megatron_speech.data import index as index_module
 from megatron_speech.data.augment import Augmenter
 from megatron_speech.data.dataset import AudioShards, Corpus, expand_prefixes
 from megatron_speech.data.index import UtteranceIndex, build_index, content_digest, ensure_index
-from megatron_speech.data.noise import PACKED, open_noise
+from megatron_speech.data.noise import PACKED_DIR, open_noise
 from megatron_speech.data.sampler import DynamicBatchSampler
 from megatron_speech.models.wav2vec2.masker import counter_rng
 from tests.fixtures import write_split
@@ -195,20 +195,23 @@ def test_noise_is_packed_once_and_read_by_memory_map(tmp_path):
             soundfile.write(str(folder / kind / f"{kind}{i}.wav"),
                             (rng.standard_normal(int(rate * 1.5)) * 0.1).astype(np.float32), rate, subtype="PCM_16")
     bank = open_noise(str(folder), ["noise", "music", "babble"])
-    packed = folder / f"{PACKED}_train.manifest.jsonl"
-    assert packed.exists() and {bank.count(k) for k in bank.kinds} == {2}
+    packed = Path(f"{bank.prefix}_train.manifest.jsonl")
+    assert packed.exists() and Path(bank.prefix).is_relative_to(folder / PACKED_DIR)
+    assert {bank.count(k) for k in bank.kinds} == {2}
     # 16 kHz files come back sample-exact; the bank pickles as a path, not as audio
     audio, _ = soundfile.read(str(folder / "noise" / "noise1.wav"), dtype="int16")
     assert np.array_equal(bank.audio("noise", 1), audio) and not bank.audio("noise", 1).flags.writeable
     assert len(pickle.dumps(Augmenter(noise=bank, noise_prob=1.0))) < 4096
-    # a second opening uses the pack; a changed folder is packed again
+    # a second opening uses the pack as it is
     stamp = packed.stat().st_mtime_ns
-    open_noise(str(folder), ["noise"])
-    assert packed.stat().st_mtime_ns == stamp
+    assert open_noise(str(folder), ["noise"]).prefix == bank.prefix and packed.stat().st_mtime_ns == stamp
+    # a changed folder gets a new pack beside the old one, which a running job keeps reading
     soundfile.write(str(folder / "noise" / "noise2.wav"), (rng.standard_normal(SR) * 0.1).astype(np.float32), SR)
-    assert open_noise(str(folder), ["noise"]).count("noise") == 3
+    new = open_noise(str(folder), ["noise"])
+    assert new.prefix != bank.prefix and new.count("noise") == 3
+    assert np.array_equal(pickle.loads(pickle.dumps(bank)).audio("noise", 1), audio)
     # a packed prefix is taken as it is
-    assert open_noise(str(folder / PACKED), ["music"]).count("music") == 2
+    assert open_noise(new.prefix, ["music"]).count("music") == 2
 
 
 def test_prefix_patterns_expand_to_all_the_parts_or_refuse(tmp_path):

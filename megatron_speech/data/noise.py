@@ -10,16 +10,19 @@ stored as int16 shards with an utterance index, and shared read-only through the
 `data.noise_dir` is either
   - a packed prefix: `python tools/preprocess_audio.py --input musan/ --output-prefix data/musan --valid-fraction 0
     --min-seconds 0 --max-segment-seconds 0`, then data.noise_dir=data/musan; or
-  - a MUSAN folder (noise/, music/, speech/, searched recursively): packed on first use into `DIR/.packed/musan`
-    (by one process under a file lock; the others wait), and repacked when the folder's files change.
+  - a MUSAN folder (noise/, music/, speech/, searched recursively): packed on first use into
+    `DIR/.packed/<fingerprint>/musan` (by one process under a file lock; the others wait); a folder whose files
+    change gets a new pack beside the old one, which running jobs keep reading.
 A kind comes from the top folder of each file's path below the MUSAN folder: noise/ -> "noise", music/ -> "music",
 speech/ -> "babble".
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
-import glob
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -30,7 +33,7 @@ from megatron_speech.data.augment import FOLDER_OF_KIND, NOISE_KINDS, list_noise
 
 logger = logging.getLogger(__name__)
 
-PACKED = os.path.join(".packed", "musan")  # where a MUSAN folder is packed, below it
+PACKED_DIR = ".packed"  # where a MUSAN folder is packed, below it: .packed/<fingerprint>/musan
 
 
 def is_packed_prefix(path: str) -> bool:
@@ -50,36 +53,61 @@ def check_noise_source(noise_dir: str, kinds: Sequence[str]) -> None:
     list_noise_files(noise_dir, kinds)
 
 
+def _listing(folder: str) -> tuple[str, list[tuple[str, str]]]:
+    """(fingerprint, [(path, id)]) of the noise files below a MUSAN folder: ids are the paths below it (their top
+    folder names the kind); the fingerprint covers names, sizes and mtimes."""
+    files = list_noise_files(folder, _kinds_present(folder))
+    h = hashlib.sha256()
+    entries = []
+    for path in sorted(p for paths in files.values() for p in paths):
+        st = os.stat(path)
+        uid = os.path.relpath(path, folder).replace(os.sep, "/")
+        entries.append((path, uid))
+        h.update(f"{uid}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16], entries
+
+
+def _is_complete(prefix: str) -> bool:
+    try:
+        with open(prefix + ".preprocess.json", encoding="utf-8") as f:
+            return bool(json.load(f).get("complete"))
+    except (OSError, ValueError):
+        return False
+
+
 def _pack(folder: str, log=logger.info) -> str:
-    """Pack a MUSAN folder into FOLDER/.packed/musan (once; under a lock); returns the prefix."""
+    """Pack a MUSAN folder into FOLDER/.packed/<fingerprint>/musan (once, under a lock); returns the prefix.
+
+    The pack's folder is named by the fingerprint of the noise files: a changed folder gets a new pack beside the
+    old one, which jobs still running keep reading (never deleted here: remove old packs by hand). A complete pack
+    is used without taking the lock, so read-only folders and other users' packs work."""
     from megatron_speech.data.preprocess import preprocess  # the preprocessing tool's own code
 
-    prefix = os.path.join(folder, PACKED)
+    fingerprint, entries = _listing(folder)
+    prefix = os.path.join(folder, PACKED_DIR, fingerprint, "musan")
+    if _is_complete(prefix):
+        return prefix
+    how = (f"pack it where you can write: python tools/preprocess_audio.py --input {folder} --output-prefix NOISE "
+           "--valid-fraction 0 --min-seconds 0 --max-segment-seconds 0, then set data.noise_dir=NOISE")
     try:
         os.makedirs(os.path.dirname(prefix), exist_ok=True)
         fd = os.open(prefix + ".preprocess.lock", os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
-        raise PermissionError(f"data.noise_dir={folder!r}: cannot pack it into {prefix} ({e.strerror}); pack it "
-                              f"where you can write: python tools/preprocess_audio.py --input {folder} "
-                              "--output-prefix NOISE --valid-fraction 0 --min-seconds 0 --max-segment-seconds 0, "
-                              "then set data.noise_dir=NOISE") from None
+        raise PermissionError(f"data.noise_dir={folder!r}: cannot pack it into {prefix} ({e.strerror}); {how}") \
+            from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        files = sum(len(v) for v in list_noise_files(folder, _kinds_present(folder)).values())
-        workers = 0 if files < 64 else min(8, len(os.sched_getaffinity(0)))
-        kwargs = dict(workers=workers, valid_fraction=0.0, min_seconds=0.0, progress=False, log=log)
-        if _supports_segments():
-            kwargs["max_segment_seconds"] = 0.0  # noise files are drawn whole (with a random window)
         try:
-            preprocess(folder, prefix, **kwargs)
-        except ValueError as e:
-            if "holds the outputs of another run" not in str(e):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:  # no locks on this file system: packing twice writes the same files
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                 raise
-            log(f"{folder} changed since it was packed: packing it again into {prefix}")
-            for path in glob.glob(glob.escape(prefix) + "[._]*"):
-                if not path.endswith(".preprocess.lock"):
-                    os.remove(path)
-            preprocess(folder, prefix, **kwargs)
+        if not _is_complete(prefix):
+            log(f"packing the noise of {folder} ({len(entries)} files) into {prefix}")
+            inputs = prefix + ".inputs.jsonl"  # exactly the noise files, named by their path below the folder
+            with open(inputs, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps({"path": path, "id": uid}) + "\n" for path, uid in entries)
+            preprocess(inputs, prefix, workers=0 if len(entries) < 64 else min(8, len(os.sched_getaffinity(0))),
+                       valid_fraction=0.0, min_seconds=0.0, max_segment_seconds=0.0, progress=False, log=log)
     finally:
         os.close(fd)
     return prefix
@@ -88,14 +116,6 @@ def _pack(folder: str, log=logger.info) -> str:
 def _kinds_present(folder: str) -> list[str]:
     """The kinds whose folder exists below a MUSAN folder."""
     return [k for k in NOISE_KINDS if os.path.isdir(os.path.join(folder, FOLDER_OF_KIND[k]))]
-
-
-def _supports_segments() -> bool:
-    import inspect
-
-    from megatron_speech.data.preprocess import preprocess
-
-    return "max_segment_seconds" in inspect.signature(preprocess).parameters
 
 
 class NoiseBank:
