@@ -167,7 +167,7 @@ class InputItem:
 # What follows an output prefix in its files' names (a part's prefix too: PREFIX_part0003_train_00000.bin).
 _OUTPUT_NAME = re.compile(
     r"(_part\d{4,})?(_(train|valid)(_\d{5,}\.(bin|idx)(\.partial(\.resume)?)?|\.manifest\.jsonl(\.partial)?)"
-    r"|_(train|valid)\.index(\.lock|\.tmp\.\d+)?"  # the utterance index (data/index.py)
+    r"|_(train|valid)\.index(\.lock|\.tmp\.\w+)?"  # the utterance index (data/index.py)
     r"|\.rejects\.jsonl(\.partial)?|\.preprocess\.(json(\.tmp)?|lock))"
 )
 
@@ -1186,7 +1186,7 @@ def _load_journal(path: str, prefix: str, params: dict, fingerprint: str) -> dic
         # A leftover journal temp file only means a crash before the first journal was in place.
         # Nor do a lock file (noise packing takes one before it starts) or an index built by a trainer.
         found = [n for n in _existing_outputs(prefix)
-                 if not n.endswith((".preprocess.json.tmp", ".preprocess.lock", ".index", ".index.lock"))]
+                 if not re.search(r"\.preprocess\.(json\.tmp|lock)$|\.index(\.lock|\.tmp\.\w+)?$", n)]
         if found:
             raise ValueError(f"{found[0]} (and {len(found) - 1} more) exist at --output-prefix {prefix} without "
                              f"{os.path.basename(path)}: not the outputs of a resumable run of this tool; delete "
