@@ -74,7 +74,7 @@ def expand_prefixes(prefix: str | Sequence[str], split: str) -> list[str]:
 def _check_parts_complete(pattern: str, found: list[str]) -> None:
     from megatron_speech.data.preprocess import part_prefix, parts_status
 
-    runs: dict[tuple[str, int], set[str]] = {}
+    runs: set[tuple[str, int]] = set()  # (the run's output prefix, its number of parts)
     for prefix in found:
         try:
             with open(prefix + ".preprocess.json", encoding="utf-8") as f:
@@ -82,9 +82,9 @@ def _check_parts_complete(pattern: str, found: list[str]) -> None:
         except (OSError, ValueError):
             continue  # written by hand or by another tool: no parts to check
         if part and _PART.search(prefix):
-            runs.setdefault((_PART.sub("", prefix), int(part[1])), set()).add(prefix)
-    for (base, num_parts), _ in sorted(runs.items()):
-        complete, missing = parts_status(base, num_parts)
+            runs.add((_PART.sub("", prefix), int(part[1])))
+    for base, num_parts in sorted(runs):
+        _, missing = parts_status(base, num_parts)
         if missing:
             raise FileNotFoundError(
                 f"data.prefix pattern {pattern!r}: {len(missing)} of the {num_parts} parts of {base} are missing or "
