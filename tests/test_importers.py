@@ -1,18 +1,22 @@
 """Corpus importers of tools/preprocess_audio.py (megatron_speech/data/importers.py): CommonVoice, LibriSpeech, MLS,
 header tables, and the layout detection in preprocess.list_inputs.
 
-Each corpus is a miniature of the real layout, with short generated audio in the corpus's own format (CommonVoice
-48 kHz MP3, LibriSpeech 16 kHz FLAC, MLS's opus release), metadata files as the corpora write them.
+Each corpus is a miniature of the real layout in the corpus's own format (CommonVoice 48 kHz MP3, LibriSpeech
+16 kHz FLAC, MLS's opus release), metadata files as the corpora write them; CommonVoice's and LibriSpeech's clips
+speak their transcripts (espeak-ng, the demo corpus' engine), the others are generated tones.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+import soxr
 
 from megatron_speech.data.preprocess import list_inputs, preprocess
 
@@ -21,11 +25,19 @@ CV_HEADER = ("client_id", "path", "sentence_id", "sentence", "sentence_domain", 
 
 
 def _audio(path: Path, seed: int, rate: int = 16000, seconds: float = 0.8, fmt: str = "FLAC",
-           subtype: str | None = None) -> None:
-    """A distinct tone plus faint noise (each seed its own, so no file is a duplicate of another)."""
+           subtype: str | None = None, text: str | None = None) -> None:
+    """`text` spoken by espeak-ng (the demo corpus' engine) when given and installed, else a distinct tone plus
+    faint noise (each seed its own, so no file is a duplicate of another); at `rate`, in `fmt`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if text and shutil.which("espeak-ng"):
+        wav = path.with_suffix(".espeak.wav")
+        subprocess.run(["espeak-ng", "-s", str(150 + 10 * (seed % 5)), "-w", str(wav), text], check=True)
+        speech, native = sf.read(str(wav), dtype="float32")
+        wav.unlink()
+        sf.write(str(path), soxr.resample(speech, native, rate), rate, format=fmt, subtype=subtype)
+        return
     t = np.arange(int(seconds * rate)) / rate
     x = 0.3 * np.sin(2 * np.pi * (150 + 41 * seed) * t) + 0.01 * np.random.default_rng(seed).standard_normal(len(t))
-    path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(str(path), x.astype(np.float32), rate, format=fmt, subtype=subtype)
 
 
@@ -58,8 +70,9 @@ def _commonvoice(lang_dir: Path) -> None:
         lines = ["\t".join(CV_HEADER)] + ["\t".join(r) for r in rows]
         (lang_dir / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
     (lang_dir / "times.txt").write_text("2024-03-15\n")
+    sentences = {int(r[1].split("_")[-1][:-4]): r[3] for r in validated + other}
     for n in (1, 2, 3, 5):
-        _audio(lang_dir / "clips" / f"common_voice_en_{n}.mp3", n, 48000, 1.0, "MP3")
+        _audio(lang_dir / "clips" / f"common_voice_en_{n}.mp3", n, 48000, 1.0, "MP3", text=sentences[n])
 
 
 def test_commonvoice_tsv_and_language_folder_carry_labels(tmp_path):
@@ -109,7 +122,7 @@ def test_librispeech_folder_labels_from_transcripts(tmp_path):
         lines = [f"{spk}-{chap}-{i:04d} {t}" for i, t in enumerate(texts)]
         for i in range(len(texts)):
             seed += 1
-            _audio(folder / f"{spk}-{chap}-{i:04d}.flac", seed)
+            _audio(folder / f"{spk}-{chap}-{i:04d}.flac", seed, text=texts[i].lower())
         (folder / f"{spk}-{chap}.trans.txt").write_text("\n".join(lines) + "\n")
     with open(root / "train-clean-100" / "19" / "198" / "19-198.trans.txt", "a") as f:
         f.write("19-198-0002 A LINE WHOSE AUDIO IS GONE\n")
