@@ -85,6 +85,20 @@ def _open_shard(path: str):
 # --------------------------------------------------------------------------------------------------- building
 
 
+def iter_jsonl(path: str) -> Iterator[tuple[str, Any]]:
+    """("FILE:LINE", value) of every non-blank line of a JSON-lines file; ValueError naming the line when one is
+    not JSON."""
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+
+
 def build_index(prefix: str, split: str, out_path: str | None = None) -> str:
     """Parse the manifest of `prefix`/`split`, check every row against its shard, and write the index.
 
@@ -107,56 +121,48 @@ def build_index(prefix: str, split: str, out_path: str | None = None) -> str:
 
     lengths, shard, position, pointer, language = array("i"), array("i"), array("i"), array("q"), array("h")
     id_offsets, id_blob = array("q", [0]), bytearray()
-    with open(manifest, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{manifest}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not a JSON object ({e})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in _REQUIRED_KEYS if k not in row]
-            if missing:
-                raise ValueError(f"{where}: missing key(s) {missing} (needs {list(_REQUIRED_KEYS)})")
-            for key in ("index", "samples"):
-                value = row[key]
-                if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _INT32_MAX:
-                    raise ValueError(f"{where}: {key}={value!r} must be an integer in [0, 2^31)")
-            name = row["shard"]
-            code = shard_code.get(name)
-            if code is None:
-                code = shard_code[name] = len(shard_names)
-                shard_names.append(name)
-                path = os.path.join(folder, name)
-                shard_stamps.append(_stamp(path + ".idx") if os.path.isfile(path + ".idx") else [])
-                stored.append(_shard_table(path, where))
-            held, pointers = stored[code]
-            index, samples = row["index"], row["samples"]
-            if index >= len(held):
-                raise ValueError(f"{where}: index {index} points outside shard {os.path.join(folder, name)}.idx, "
-                                 f"which holds {len(held)} utterances (manifest and shards out of sync?)")
-            if int(held[index]) != samples:
-                raise ValueError(f"{where}: samples={samples} but utterance {index} of shard "
-                                 f"{os.path.join(folder, name)}.idx holds {int(held[index])} samples (manifest and "
-                                 "shards out of sync?)")
-            lang = row.get("language")
-            if lang is None:
-                language.append(-1)
-            else:
-                lang = str(lang)
-                c = language_code.get(lang)
-                if c is None:
-                    c = language_code[lang] = len(language_code)
-                language.append(c)
-            lengths.append(samples)
-            shard.append(code)
-            position.append(index)
-            pointer.append(int(pointers[index]))
-            id_blob += str(row["id"]).encode()
-            id_offsets.append(len(id_blob))
+    for where, row in iter_jsonl(manifest):
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        missing = [k for k in _REQUIRED_KEYS if k not in row]
+        if missing:
+            raise ValueError(f"{where}: missing key(s) {missing} (needs {list(_REQUIRED_KEYS)})")
+        for key in ("index", "samples"):
+            value = row[key]
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _INT32_MAX:
+                raise ValueError(f"{where}: {key}={value!r} must be an integer in [0, 2^31)")
+        name = row["shard"]
+        code = shard_code.get(name)
+        if code is None:
+            code = shard_code[name] = len(shard_names)
+            shard_names.append(name)
+            path = os.path.join(folder, name)
+            shard_stamps.append(_stamp(path + ".idx") if os.path.isfile(path + ".idx") else [])
+            stored.append(_shard_table(path, where))
+        held, pointers = stored[code]
+        index, samples = row["index"], row["samples"]
+        if index >= len(held):
+            raise ValueError(f"{where}: index {index} points outside shard {os.path.join(folder, name)}.idx, "
+                             f"which holds {len(held)} utterances (manifest and shards out of sync?)")
+        if int(held[index]) != samples:
+            raise ValueError(f"{where}: samples={samples} but utterance {index} of shard "
+                             f"{os.path.join(folder, name)}.idx holds {int(held[index])} samples (manifest and "
+                             "shards out of sync?)")
+        lang = row.get("language")
+        if lang is None:
+            language.append(-1)
+        else:
+            lang = str(lang)
+            c = language_code.get(lang)
+            if c is None:
+                c = language_code[lang] = len(language_code)
+            language.append(c)
+        lengths.append(samples)
+        shard.append(code)
+        position.append(index)
+        pointer.append(int(pointers[index]))
+        id_blob += str(row["id"]).encode()
+        id_offsets.append(len(id_blob))
     if len(language_code) > 32767:
         raise ValueError(f"{manifest}: {len(language_code)} distinct language labels; at most 32767 are supported")
     on_disk = {os.path.abspath(p[:-4]) for p in glob.glob(glob.escape(f"{prefix}_{split}_") + "*.idx")}

@@ -112,6 +112,7 @@ import soundfile as sf
 import soxr
 
 from megatron_speech.data.segment import cut_offsets
+from megatron_speech.data.index import iter_jsonl
 from megatron_speech.models.wav2vec2.config import SAMPLE_RATE
 
 FORMAT_VERSION = 2
@@ -278,28 +279,20 @@ def _manifest_kind(path: str) -> str:
 def _list_jsonl(path: str) -> list[InputItem]:
     base = os.path.dirname(os.path.abspath(path))
     items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("path"), str) or not obj["path"]:
-                raise ValueError(f'{where}: needs a "path" key holding the audio file\'s path (relative to {base})')
-            clash = [k for k in obj if k in OUTPUT_KEYS and k != "id"]
-            if clash:
-                raise ValueError(f'{where}: key "{clash[0]}" is written by the preprocessor; rename it in the '
-                                 f'manifest (e.g. "input_{clash[0]}")')
-            rel = obj.pop("path")
-            uid = obj.pop("id", None)
-            if uid is None:
-                uid = os.path.normpath(rel).replace(os.sep, "/")
-            elif isinstance(uid, bool) or not isinstance(uid, str | int) or uid == "":
-                raise ValueError(f'{where}: "id" must be a non-empty string or an integer, got {uid!r}')
-            items.append(InputItem(os.path.abspath(os.path.join(base, rel)), str(uid), obj))
+    for where, obj in iter_jsonl(path):
+        if not isinstance(obj, dict) or not isinstance(obj.get("path"), str) or not obj["path"]:
+            raise ValueError(f'{where}: needs a "path" key holding the audio file\'s path (relative to {base})')
+        clash = [k for k in obj if k in OUTPUT_KEYS and k != "id"]
+        if clash:
+            raise ValueError(f'{where}: key "{clash[0]}" is written by the preprocessor; rename it in the '
+                             f'manifest (e.g. "input_{clash[0]}")')
+        rel = obj.pop("path")
+        uid = obj.pop("id", None)
+        if uid is None:
+            uid = os.path.normpath(rel).replace(os.sep, "/")
+        elif isinstance(uid, bool) or not isinstance(uid, str | int) or uid == "":
+            raise ValueError(f'{where}: "id" must be a non-empty string or an integer, got {uid!r}')
+        items.append(InputItem(os.path.abspath(os.path.join(base, rel)), str(uid), obj))
     return items
 
 
