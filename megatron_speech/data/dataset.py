@@ -98,10 +98,14 @@ def _check_parts_complete(pattern: str, found: list[str]) -> None:
                              f"of {base}: remove it or list the prefixes explicitly")
 
 
-def corpus_name(prefix: str) -> str:
-    """The name a prefix's audio is grouped under when it has no language label: its base name, without an
-    array part's `_partIIII` (the parts of one corpus are one group)."""
-    return _PART.sub("", os.path.basename(prefix.rstrip("/"))) or prefix
+def corpus_names(prefixes: Sequence[str]) -> list[str]:
+    """The name each prefix's audio is grouped under when it has no language label: the prefix without an array
+    part's `_partIIII` (the parts of one corpus are one group), shown by its base name where that is unique."""
+    runs = [_PART.sub("", p.rstrip("/")) for p in prefixes]
+    distinct = list(dict.fromkeys(runs))
+    bases = [os.path.basename(r) or r for r in distinct]
+    short = dict(zip(distinct, bases, strict=True)) if len(set(bases)) == len(bases) else {r: r for r in distinct}
+    return [short[r] for r in runs]
 
 
 class Corpus:

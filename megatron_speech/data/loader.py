@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 
 from megatron_speech.data.augment import SPEED_MARGIN, Augmenter
 from megatron_speech.data.crop import crop_num_frames, crop_num_samples
-from megatron_speech.data.dataset import Corpus, corpus_name
+from megatron_speech.data.dataset import Corpus, corpus_names
 from megatron_speech.data.noise import check_noise_source, open_noise
 from megatron_speech.data.sampler import DynamicBatchSampler, Position, Slot
 from megatron_speech.models.wav2vec2.config import SAMPLE_RATE, Wav2Vec2Config
@@ -334,7 +334,7 @@ def _mixing_groups(corpus: Corpus, keep: np.ndarray, data_cfg: Any
         return groups, names, [float(w) for w in data_cfg.weights]
     # Without a language label: the prefix's corpus name (the parts of an array run are one group, so that
     # splitting a corpus into 64 parts does not multiply its weight under temperature sampling).
-    names = [corpus_name(p) for p in corpus.prefixes]
+    names = corpus_names(corpus.prefixes)
     languages = corpus.language_names
     group_names = list(languages) + [n for n in dict.fromkeys(names) if n not in languages]
     code = {n: i for i, n in enumerate(group_names)}
