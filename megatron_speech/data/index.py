@@ -44,6 +44,7 @@ import sys
 import tempfile
 import uuid
 import warnings
+from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -116,9 +117,7 @@ def build_index(prefix: str, split: str, out_path: str | None = None) -> str:
     shard_code: dict[str, int] = {}
     stored: list[tuple[np.ndarray, np.ndarray]] = []  # per shard: sequence lengths and byte pointers
     language_code: dict[str, int] = {}
-    # Typed growing arrays (not per-row dicts): ~25 bytes per row while parsing.
-    from array import array
-
+    # Typed growing arrays (not per-row dicts): ~30 bytes per row while parsing.
     lengths, shard, position, pointer, language = array("i"), array("i"), array("i"), array("q"), array("h")
     id_offsets, id_blob = array("q", [0]), bytearray()
     for where, row in iter_jsonl(manifest):
@@ -155,6 +154,8 @@ def build_index(prefix: str, split: str, out_path: str | None = None) -> str:
             lang = str(lang)
             c = language_code.get(lang)
             if c is None:
+                if len(language_code) == 32767:
+                    raise ValueError(f"{where}: more than 32767 distinct language labels are not supported")
                 c = language_code[lang] = len(language_code)
             language.append(c)
         lengths.append(samples)
@@ -163,8 +164,6 @@ def build_index(prefix: str, split: str, out_path: str | None = None) -> str:
         pointer.append(int(pointers[index]))
         id_blob += str(row["id"]).encode()
         id_offsets.append(len(id_blob))
-    if len(language_code) > 32767:
-        raise ValueError(f"{manifest}: {len(language_code)} distinct language labels; at most 32767 are supported")
     on_disk = {os.path.abspath(p[:-4]) for p in glob.glob(glob.escape(f"{prefix}_{split}_") + "*.idx")}
     unused = sorted(on_disk - {os.path.abspath(os.path.join(folder, n)) for n in shard_names})
     header = {
