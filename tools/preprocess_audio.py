@@ -43,8 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         epilog="reject reasons: " + "; ".join(f"{k}: {v}" for k, v in REJECT_REASONS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, help="folder of audio (recursive; every file is tried), a JSONL "
-                   'manifest ({"path": ..., labels...} per line) or a fairseq TSV manifest')
+    p.add_argument("--input", required=True, help="folder of audio (recursive; every file is tried; LibriSpeech, "
+                   "MLS and CommonVoice folders get their transcripts as labels), a JSONL manifest "
+                   '({"path": ..., labels...} per line), a fairseq TSV manifest, or a CSV/TSV table whose header '
+                   "names the audio column (CommonVoice's validated.tsv is one)")
     p.add_argument("--output-prefix", required=True, help="path prefix of the outputs, e.g. data/corpus")
     p.add_argument("--workers", type=int, default=None, help="decode processes (default: the usable CPUs; "
                    "0 = decode in this process)")
