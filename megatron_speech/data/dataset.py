@@ -207,8 +207,11 @@ class Corpus:
         if len(self.indexes) == 1:
             return self.indexes[0].lengths[indices].astype(np.int64)
         p = np.searchsorted(self.starts, indices, side="right") - 1
-        return np.array([self.indexes[a].lengths[i - self.starts[a]] for a, i in zip(p, indices, strict=True)],
-                        dtype=np.int64)
+        out = np.empty(len(indices), dtype=np.int64)
+        for a in np.unique(p).tolist():
+            sel = p == a
+            out[sel] = self.indexes[a].lengths[indices[sel] - self.starts[a]]
+        return out
 
     def read(self, i: int, offset: int = 0, count: int | None = None) -> np.ndarray:
         """Samples [offset, offset + count) of utterance i as an int16 view into the shard (zero-copy, read-only)."""

@@ -114,12 +114,12 @@ class MicroBatchBuilder:
         self.shards, self.augmenter, self.masking = shards, augmenter, masking
         self.tp_size, self.max_samples, self.seed = tp_size, max_samples, seed
 
-    def num_frames(self, indices: np.ndarray) -> int:
+    def num_frames(self, lengths: np.ndarray) -> int:
         """F of a micro-batch: the crop rule on its shortest utterance, shortened by the fastest speed factor so
         that every utterance can play at any factor (else the bucketed, near-equal lengths of a batch would cap
-        nearly every speed-up at ~1.0), but never below what the rule needs."""
+        nearly every speed-up at ~1.0), but never below what the rule needs. lengths: the batch's, in samples."""
         m = self.masking
-        shortest = int(self.shards.lengths_of(indices).min())
+        shortest = int(lengths.min())
         fastest = self.augmenter.max_speed
         if fastest > 1.0:
             need = max(m.min_frames, self.tp_size)
@@ -129,13 +129,12 @@ class MicroBatchBuilder:
 
     def __getitem__(self, slot: Slot) -> dict[str, Any]:
         m = self.masking
-        num_frames = self.num_frames(slot.indices)
+        lengths = self.shards.lengths_of(slot.indices)
+        num_frames = self.num_frames(lengths)
         num_samples = crop_num_samples(num_frames, m.stride, m.receptive_field)
         waves = []
-        lengths = self.shards.lengths_of(slot.indices).tolist()
-        for b, i in enumerate(slot.indices.tolist()):
+        for b, (i, length) in enumerate(zip(slot.indices.tolist(), lengths.tolist(), strict=True)):
             rng = counter_rng(self.seed, slot.step, slot.micro_step, slot.dp_rank, UTTERANCE_STREAM + b)
-            length = lengths[b]
             waves.append(self.augmenter(lambda o, c, i=i: self.shards.read(i, o, c), length, num_samples, rng))
         waveform = np.stack(waves)  # [B, T]: equal lengths by construction (no padding in pre-training)
 
