@@ -47,7 +47,7 @@ demo-all: $(STAMP) sysdeps
 	OMP_NUM_THREADS=1 $(PY) tools/demo.py --out demo --all
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check megatron_speech tools tests
+	$(VENV)/bin/ruff check megatron_speech tools tests bench
 
 clean:
 	rm -rf $(VENV) demo runs

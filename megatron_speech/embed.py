@@ -33,8 +33,7 @@ def load_waveform(path: str, normalize: bool, eps: float) -> torch.Tensor:
 
 def embed(checkpoint: str, audio: str, layer: int | None = None, use_ema: bool = False) -> np.ndarray:
     from megatron_speech.checkpoint.model_io import checkpoint_config, load_model_weights
-    from megatron_speech.models.wav2vec2.factory import _single_rank_groups, build_pretraining_model, \
-        transformer_config
+    from megatron_speech.models.wav2vec2.factory import _single_rank_groups, build_pretraining_model, transformer_config
 
     cfg = checkpoint_config(checkpoint)
     model = build_pretraining_model(cfg.model, transformer_config(cfg.model), _single_rank_groups()).eval()

@@ -32,8 +32,7 @@ def evaluate_checkpoint(checkpoint: str, manifest: str, use_ema: bool = False, o
 
     from megatron_speech.checkpoint.model_io import checkpoint_config, load_model_weights
     from megatron_speech.data.finetune_data import eval_batches, min_samples_for, open_manifest, select_labeled
-    from megatron_speech.models.wav2vec2.factory import _single_rank_groups, build_pretraining_model, \
-        transformer_config
+    from megatron_speech.models.wav2vec2.factory import _single_rank_groups, build_pretraining_model, transformer_config
     from megatron_speech.models.wav2vec2.heads import build_finetuning_model
     from megatron_speech.tasks import metrics as task_metrics
     from megatron_speech.tasks.task import Task

@@ -39,13 +39,17 @@ warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not ins
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_speech.checkpoint.checkpointing import checkpoint_dir, load_checkpoint, \
-    resume_step, save_checkpoint
+from megatron_speech.checkpoint.checkpointing import checkpoint_dir, load_checkpoint, resume_step, save_checkpoint
 from megatron_speech.checkpoint.model_io import checkpoint_config, load_model_weights
 from megatron_speech.config import Config, FinetuneConfig, config_to_dict, format_help, load_config, parse_cli
 from megatron_speech.data.dataset import manifest_path
-from megatron_speech.data.finetune_data import build_finetune_loader, eval_batches, has_rows, labeled_split, \
-    min_samples_for
+from megatron_speech.data.finetune_data import (
+    build_finetune_loader,
+    eval_batches,
+    has_rows,
+    labeled_split,
+    min_samples_for,
+)
 from megatron_speech.models.wav2vec2.config import SAMPLE_RATE
 from megatron_speech.models.wav2vec2.factory import build_pretraining_model, transformer_config
 from megatron_speech.models.wav2vec2.heads import Wav2Vec2ForFinetuning, build_finetuning_model

@@ -44,8 +44,7 @@ def te_like_attention(monkeypatch):
 
 
 def test_pretraining_forward_calls_attention_without_a_mask_type(te_like_attention):
-    from megatron_speech.models.wav2vec2.factory import _single_rank_groups, build_pretraining_model, \
-        transformer_config
+    from megatron_speech.models.wav2vec2.factory import _single_rank_groups, build_pretraining_model, transformer_config
 
     cfg = tiny_config(dropout=0.0).model
     model = build_pretraining_model(cfg, transformer_config(cfg), _single_rank_groups())
@@ -56,8 +55,7 @@ def test_pretraining_forward_calls_attention_without_a_mask_type(te_like_attenti
 
 
 def test_finetuning_forward_calls_attention_with_padding(te_like_attention):
-    from megatron_speech.models.wav2vec2.factory import _single_rank_groups, build_pretraining_model, \
-        transformer_config
+    from megatron_speech.models.wav2vec2.factory import _single_rank_groups, build_pretraining_model, transformer_config
     from megatron_speech.models.wav2vec2.heads import build_finetuning_model
     from tests.test_finetune import _padded_pair
 

@@ -34,9 +34,10 @@ def test_plain_optimizer_split_bound_grows():
 
 
 def _largest(rank, world):
+    import torch
+
     from megatron_speech.models.wav2vec2.factory import build_pretraining_model, transformer_config
     from megatron_speech.parallel.initialize import initialize_parallel
-    import torch
 
     initialize_parallel(1)
     m = load_config(str(ROOT / "configs/xl.yaml"), []).model

@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+
 from tests.dist import RankError, run_ranks
 
 H, FFN = 8, 16  # hidden and MLP sizes of the tiny test model
@@ -126,6 +127,7 @@ class _MakesCudaTensorsInBackward(torch.autograd.Function):
 def _tp_rank_main(rank: int, world_size: int) -> dict:
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.tensor_parallel import random as mrandom
+
     from megatron_speech.parallel import cpu_compat
     from megatron_speech.parallel.initialize import destroy_parallel, initialize_parallel
 

@@ -22,10 +22,10 @@ import soundfile
 import torch
 
 from megatron_speech.config import DataConfig
+from megatron_speech.data import loader as loader_module
 from megatron_speech.data.augment import Augmenter, list_noise_files
 from megatron_speech.data.crop import crop_num_frames, crop_num_samples
 from megatron_speech.data.dataset import AudioShards
-from megatron_speech.data import loader as loader_module
 from megatron_speech.data.loader import (
     build_eval_loader,
     build_pretrain_loader,

@@ -220,8 +220,7 @@ def test_finetune_workers_survive_slurm_signals(tmp_path):
 
 
 def _tiny_finetune_model(kind: str, num_outputs: int, layer_weighting: bool, dropout: float = 0.0):
-    from megatron_speech.models.wav2vec2.factory import _single_rank_groups, build_pretraining_model, \
-        transformer_config
+    from megatron_speech.models.wav2vec2.factory import _single_rank_groups, build_pretraining_model, transformer_config
     from megatron_speech.models.wav2vec2.heads import build_finetuning_model
     from tests.fixtures import tiny_config
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.dist import run_ranks
 from tests import test_pretrain
+from tests.dist import run_ranks
 
 shards = test_pretrain.shards  # its module-scoped fixture: synthetic tonal audio, train and valid splits
 
@@ -36,8 +36,7 @@ def _driver(rank: int, world: int, argv: list[str]) -> tuple[int, list[bool]]:
 
 def _weights(rank: int, world: int, checkpoint: str) -> dict[str, torch.Tensor]:
     from megatron_speech.checkpoint.model_io import checkpoint_config, load_model_weights
-    from megatron_speech.models.wav2vec2.factory import _single_rank_groups, build_pretraining_model, \
-        transformer_config
+    from megatron_speech.models.wav2vec2.factory import _single_rank_groups, build_pretraining_model, transformer_config
 
     cfg = checkpoint_config(checkpoint)
     model = build_pretraining_model(cfg.model, transformer_config(cfg.model), _single_rank_groups())

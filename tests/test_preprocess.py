@@ -29,7 +29,6 @@ from megatron_speech.data.preprocess import (
     decode_file,
     preprocess,
 )
-
 from tests.fixtures import output_bytes
 
 REPO = Path(__file__).resolve().parent.parent

@@ -23,8 +23,8 @@ import torch
 
 from megatron_speech.checkpoint.checkpointing import checkpoint_dir, latest_step
 from megatron_speech.checkpoint.integrity import MANIFEST, verify_checkpoint
-from tests.fixtures import ROOT
 from tests import test_pretrain
+from tests.fixtures import ROOT
 from tests.test_pretrain import metrics, torchrun
 
 shards = test_pretrain.shards  # its module-scoped fixture: synthetic tonal audio, train and valid splits

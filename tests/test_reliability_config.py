@@ -208,8 +208,7 @@ def model_overrides(draw) -> list[str]:
 
 
 def _one_training_step(cfg) -> float:
-    from megatron_speech.models.wav2vec2.factory import _single_rank_groups, build_pretraining_model
-    from megatron_speech.models.wav2vec2.factory import transformer_config
+    from megatron_speech.models.wav2vec2.factory import _single_rank_groups, build_pretraining_model, transformer_config
     from megatron_speech.models.wav2vec2.masker import compute_span_mask, counter_rng, sample_negatives
 
     m = cfg.model

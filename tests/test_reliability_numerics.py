@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist import run_ranks
 from tests import test_pretrain
+from tests.dist import run_ranks
 
 shards = test_pretrain.shards  # its module-scoped fixture: synthetic tonal audio, train and valid splits
 

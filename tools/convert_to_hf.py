@@ -54,8 +54,7 @@ def export_with_notes(checkpoint: str, output: str, use_ema: bool = False,
 
     from megatron_speech.checkpoint.model_io import checkpoint_config, load_model_weights
     from megatron_speech.models.wav2vec2 import interop
-    from megatron_speech.models.wav2vec2.factory import _single_rank_groups, build_pretraining_model, \
-        transformer_config
+    from megatron_speech.models.wav2vec2.factory import _single_rank_groups, build_pretraining_model, transformer_config
 
     if model_class not in MODEL_CLASSES:
         raise ValueError(f"--model-class {model_class!r}: expected one of {sorted(MODEL_CLASSES)}")

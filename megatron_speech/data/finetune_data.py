@@ -38,8 +38,8 @@ from torch.utils.data import DataLoader
 
 from megatron_speech.data.augment import Augmenter
 from megatron_speech.data.dataset import AudioShards, manifest_path
-from megatron_speech.data.noise import open_noise
 from megatron_speech.data.loader import collate_waveforms, frame_padding_mask, start_workers
+from megatron_speech.data.noise import open_noise
 from megatron_speech.data.sampler import DynamicBatchSampler, Position, Slot
 from megatron_speech.models.wav2vec2.config import SAMPLE_RATE, Wav2Vec2Config
 from megatron_speech.models.wav2vec2.masker import compute_span_mask, counter_rng

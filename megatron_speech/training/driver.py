@@ -11,8 +11,12 @@ import torch.distributed as dist
 
 from megatron_speech.checkpoint.checkpointing import SaveError, checkpoint_dir, latest_step
 from megatron_speech.parallel.faults import collective_failure_message, is_collective_failure
-from megatron_speech.parallel.initialize import destroy_parallel, env_from_slurm, initialize_parallel, \
-    world_size_from_env
+from megatron_speech.parallel.initialize import (
+    destroy_parallel,
+    env_from_slurm,
+    initialize_parallel,
+    world_size_from_env,
+)
 from megatron_speech.training.monitor import setup_logging
 from megatron_speech.training.signals import (
     EXIT_DONE,

@@ -23,9 +23,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.utils import get_attr_wrapped_model
 
+from megatron_speech.parallel.initialize import compute_device
 from megatron_speech.tasks import metrics as task_metrics
 from megatron_speech.tasks.task import Task
-from megatron_speech.parallel.initialize import compute_device
 from megatron_speech.training import step as pretrain_step
 from megatron_speech.training.step import to_device
 

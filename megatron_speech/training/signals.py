@@ -19,7 +19,6 @@ import signal
 from collections.abc import Iterator
 from multiprocessing import resource_tracker
 
-
 EXIT_DONE = 0
 """max_steps reached, or early-stopped: do not requeue."""
 EXIT_PREEMPTED = 75

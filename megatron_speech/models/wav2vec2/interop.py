@@ -10,6 +10,7 @@ does the rest; everything else is a rename.
 from __future__ import annotations
 
 import re
+
 import torch
 
 from .config import Wav2Vec2Config
