@@ -54,9 +54,9 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from megatron_speech.common.audio import SAMPLE_RATE
 from megatron_speech.data.augment import SPEED_MARGIN, Augmenter, list_noise_files
 from megatron_speech.data.demo_corpus import ESPEAK_VOICES, FLITE_VOICES, LEXICON, NOISE_FLOOR_RMS, VARIANTS
-from megatron_speech.models.wav2vec2.config import SAMPLE_RATE
 
 SR = SAMPLE_RATE
 INT16_MB_PER_HOUR = 2 * SR * 3600 / 1e6  # 115.2

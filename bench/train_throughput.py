@@ -81,7 +81,7 @@ def load(config: str, overrides: list[str]):
 
 def batch_shape(cfg, device: str, batch_size: int | None, seconds: float | None) -> tuple[int, int]:
     """(utterances, frames) of the benchmark micro-batch; frames are a multiple of 8 (any TP size up to 8)."""
-    from megatron_speech.models.wav2vec2.config import SAMPLE_RATE
+    from megatron_speech.common.audio import SAMPLE_RATE
 
     m, d = cfg.model, cfg.data
     if seconds is None:
@@ -101,7 +101,8 @@ def make_batch(model_cfg, batch_size: int, num_frames: int, seed: int = 0) -> di
     import numpy as np
     import torch
 
-    from megatron_speech.models.wav2vec2.masker import compute_span_mask, counter_rng, sample_negatives
+    from megatron_speech.common.rng import counter_rng
+    from megatron_speech.models.wav2vec2.masker import compute_span_mask, sample_negatives
 
     rng = counter_rng(seed, 0, 0, 0)
     wave = rng.standard_normal((batch_size, model_cfg.num_samples(num_frames))).astype(np.float32)

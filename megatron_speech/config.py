@@ -29,7 +29,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from megatron_speech.models.wav2vec2.config import SAMPLE_RATE, Wav2Vec2Config
+from megatron_speech.common.audio import SAMPLE_RATE
+from megatron_speech.models.wav2vec2.config import Wav2Vec2Config
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Recompute = Literal["none", "full", "selective"]

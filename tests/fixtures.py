@@ -22,7 +22,8 @@ def tiny_config(*overrides: str, dropout: float | None = None):
 
 
 def synthetic_batch(model_cfg, seed: int, batch_size: int = 3, num_frames: int = 24) -> dict:
-    from megatron_speech.models.wav2vec2.masker import compute_span_mask, counter_rng, sample_negatives
+    from megatron_speech.common.rng import counter_rng
+    from megatron_speech.models.wav2vec2.masker import compute_span_mask, sample_negatives
 
     rng = counter_rng(seed, 0, 0, 0)
     wave = rng.standard_normal((batch_size, model_cfg.num_samples(num_frames))).astype(np.float32)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import soundfile
 
+from megatron_speech.common.rng import EPOCH_STREAM, counter_rng
 from megatron_speech.data import dataset as dataset_module
 from megatron_speech.data import index as index_module
 from megatron_speech.data.augment import Augmenter
@@ -24,7 +25,7 @@ from megatron_speech.data.dataset import AudioShards, Corpus, expand_prefixes
 from megatron_speech.data.index import UtteranceIndex, build_index, content_digest, ensure_index
 from megatron_speech.data.noise import PACKED_DIR, open_noise
 from megatron_speech.data.sampler import DynamicBatchSampler
-from megatron_speech.models.wav2vec2.masker import counter_rng
+from megatron_speech.models.wav2vec2.config import Wav2Vec2Config
 from tests.fixtures import write_split
 
 SR = 16_000
@@ -148,15 +149,15 @@ def test_a_worker_receives_the_same_few_bytes_whatever_the_corpus_size(tmp_path)
 
 def _reference_epoch(sampler: DynamicBatchSampler, epoch: int) -> list[list[int]]:
     """The epoch as main built it before vectorization: one Python step per utterance (copied from 3e507c6)."""
-    from megatron_speech.data.crop import crop_num_frames, crop_num_samples
-    from megatron_speech.data.sampler import _EPOCH_STREAM
+    from megatron_speech.data.crop import crop_num_frames
 
     items = sampler.epoch_items(epoch)
-    rng = counter_rng(sampler.seed, epoch, 1, 0, stream=_EPOCH_STREAM)
+    rng = counter_rng(sampler.seed, epoch, 1, 0, stream=EPOCH_STREAM)
     ties = rng.random(len(items)) if sampler.shuffle else np.arange(len(items))
     sort_key = np.minimum(sampler.lengths, sampler.max_samples)
     items = items[np.lexsort((ties, -sort_key[items]))]
-    crop = [crop_num_samples(crop_num_frames(int(n), sampler.max_samples, 1, 1)) for n in sort_key[items]]
+    g = sampler.geometry
+    crop = [g.num_samples(crop_num_frames(int(n), sampler.max_samples, 1, 1, g)) for n in sort_key[items]]
     bounds, count = [0], 0
     for i, c in enumerate(crop):
         if count and (count + 1) * c > sampler.max_tokens:
@@ -179,7 +180,8 @@ def test_the_vectorized_epoch_equals_the_per_utterance_loop(shuffle):
     groups = rng.integers(-1, 5, size=n).astype(np.int16)  # -1 = too short, not sampled
     for max_tokens in (1_400_000, 500_000, 240_000):
         sampler = DynamicBatchSampler(lengths, max_tokens, 15 * SR, seed=3, groups=groups,
-                                      group_names=list("abcde"), alpha=0.5, shuffle=shuffle)
+                                      group_names=list("abcde"), alpha=0.5, shuffle=shuffle,
+                                      geometry=Wav2Vec2Config().geometry)
         for epoch in (0, 1):
             got = [b.tolist() for b in sampler.epoch_batches(epoch)]
             assert got == _reference_epoch(sampler, epoch)

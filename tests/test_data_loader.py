@@ -24,20 +24,17 @@ import torch
 from megatron_speech.config import DataConfig
 from megatron_speech.data import loader as loader_module
 from megatron_speech.data.augment import Augmenter, list_noise_files
-from megatron_speech.data.crop import crop_num_frames, crop_num_samples
+from megatron_speech.data.crop import crop_num_frames
 from megatron_speech.data.dataset import AudioShards
-from megatron_speech.data.loader import (
-    build_eval_loader,
-    build_pretrain_loader,
-    collate_waveforms,
-    frame_padding_mask,
-)
+from megatron_speech.data.finetune_data import collate_waveforms, frame_padding_mask
+from megatron_speech.data.loader import build_eval_loader, build_pretrain_loader
 from megatron_speech.data.sampler import DynamicBatchSampler, mixing_weights
 from megatron_speech.models.wav2vec2.config import Wav2Vec2Config
 from tests.fixtures import write_split
 
 SR = 16_000
 MODEL = Wav2Vec2Config(hidden_size=64, num_attention_heads=4, mask_prob=0.5, mask_length=2, num_negatives=10)
+GEOMETRY = MODEL.geometry
 
 
 def make_utterances(rng, count, tag, language=None, seconds=(1.0, 4.5)):
@@ -161,7 +158,7 @@ def test_batches_within_budget_and_cropped_by_the_rule(corpus, tp):
             assert neg.shape == (b, f, MODEL.num_negatives) and batch["channel_mask"].shape == (b, 64)
             assert batch["num_samples"] == b * t <= cfg.max_tokens
             shortest = min(length_of[u] for u in batch["ids"])
-            assert f == crop_num_frames(shortest, 4 * SR, tp, MODEL.mask_min_masks * 2 + 1)
+            assert f == crop_num_frames(shortest, 4 * SR, tp, MODEL.mask_min_masks * 2 + 1, GEOMETRY)
             counts = mask.sum(1)
             assert (counts == counts[0]).all() and counts[0] >= MODEL.mask_min_masks  # require_same_masks
             assert (batch["step"], batch["micro_step"]) == (step, m)
@@ -178,18 +175,18 @@ def test_epoch_covers_every_utterance_once_across_dp_ranks(corpus):
     seen: dict[int, list[int]] = collections.defaultdict(list)
     for rank in range(dp):
         sampler = DynamicBatchSampler(shards.lengths, 96_000, 4 * SR, seed=5, dp_rank=rank, dp_size=dp,
-                                      num_micro_batches=nmb)
+                                      num_micro_batches=nmb, geometry=GEOMETRY)
         for slot in sampler.slots():
             if slot.epoch > 1:
                 break
             seen[slot.epoch].extend(slot.indices.tolist())
             # budget at the crop rule (tp = 1 is the longest crop; any tp is within it)
             shortest = int(shards.lengths[slot.indices].min())
-            assert len(slot.indices) * crop_num_samples(crop_num_frames(shortest, 4 * SR, 1, 1)) <= 96_000
+            assert len(slot.indices) * GEOMETRY.num_samples(crop_num_frames(shortest, 4 * SR, 1, 1, GEOMETRY)) <= 96_000
     for epoch in (0, 1):
         assert sorted(seen[epoch]) == list(range(len(shards)))
     # batches differ between epochs (reshuffled), the epoch's content does not
-    s = DynamicBatchSampler(shards.lengths, 96_000, 4 * SR, seed=5)
+    s = DynamicBatchSampler(shards.lengths, 96_000, 4 * SR, seed=5, geometry=GEOMETRY)
     assert [b.tolist() for b in s.epoch_batches(0)] != [b.tolist() for b in s.epoch_batches(1)]
 
 
@@ -224,13 +221,15 @@ def test_resume_mid_epoch_is_bit_identical(corpus):
 
 def test_resume_at_another_layout_continues_the_same_micro_batches(corpus):
     shards = AudioShards(corpus["prefix"], "train", SR)
-    a = DynamicBatchSampler(shards.lengths, 96_000, 4 * SR, seed=2, dp_rank=0, dp_size=2, num_micro_batches=2)
+    a = DynamicBatchSampler(shards.lengths, 96_000, 4 * SR, seed=2, dp_rank=0, dp_size=2, num_micro_batches=2,
+                            geometry=GEOMETRY)
     slots = a.slots()
     for _ in range(2 * 2):  # two global batches of rank 0
         slot = next(slots)
     a.position = slot.after
     state = a.state_dict()
-    b = [DynamicBatchSampler(shards.lengths, 96_000, 4 * SR, seed=2, dp_rank=r, dp_size=4) for r in range(4)]
+    b = [DynamicBatchSampler(shards.lengths, 96_000, 4 * SR, seed=2, dp_rank=r, dp_size=4, geometry=GEOMETRY)
+         for r in range(4)]
     for s in b:
         s.load_state_dict(state)
     nxt = [next(s.slots()).indices.tolist() for s in b]
@@ -328,7 +327,7 @@ def test_language_temperature_proportions():
     total = sum(hours.values())
     for alpha in (1.0, 0.5, 0.0):
         sampler = DynamicBatchSampler(lengths, 200 * SR, 12 * SR, seed=0, groups=groups, group_names=names,
-                                      alpha=alpha)
+                                      alpha=alpha, geometry=GEOMETRY)
         want = mixing_weights(hours, alpha)
         for epoch in range(2):
             items = sampler.epoch_items(epoch)
@@ -470,7 +469,8 @@ def test_fine_tuning_collate_pads_with_masks():
     wave, padding = collate_waveforms(waves, pad=True)
     assert wave.shape == (2, 1000) and padding[1, 720:].all() and not padding[1, :720].any()
     assert collate_waveforms([waves[0], waves[0]])[1] is None  # pre-training: never a padding mask
-    frames = frame_padding_mask([1000, 720], num_frames=3)  # frames cover [0,400), [320,720), [640,1040)
+    # frames cover [0,400), [320,720), [640,1040)
+    frames = frame_padding_mask([1000, 720], num_frames=3, geometry=GEOMETRY)
     assert frames.tolist() == [[False, False, True], [False, False, True]]
 
 

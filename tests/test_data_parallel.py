@@ -21,7 +21,8 @@ EPS = 1e-3
 
 
 def _micro_batches(cfg):
-    from megatron_speech.models.wav2vec2.masker import compute_span_mask, counter_rng, sample_negatives
+    from megatron_speech.common.rng import counter_rng
+    from megatron_speech.models.wav2vec2.masker import compute_span_mask, sample_negatives
 
     out = []
     # unequal crops, batch sizes and masked counts: (utterances, frames)

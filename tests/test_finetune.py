@@ -171,7 +171,7 @@ def test_padded_batches_budget_frames_and_targets(tmp_path):
                                ["pretrained=none", f"data.prefix={prefix}", "data.max_tokens=64000",
                                 "data.max_sample_seconds=4"])
     split = labeled_split([prefix], "train", "phonemes", 8000, 64000)
-    sampler = PaddedBatchSampler(split.lengths, 64000, seed=1)
+    sampler = PaddedBatchSampler(split.lengths, 64000, seed=1, geometry=cfg.model.geometry)
     batches = sampler.epoch_batches(0)
     assert sorted(np.concatenate(batches).tolist()) == list(range(len(split.indices)))  # each once
     assert all(len(b) * split.lengths[b].max() <= 64000 for b in batches)
@@ -237,13 +237,14 @@ def _tiny_finetune_model(kind: str, num_outputs: int, layer_weighting: bool, dro
 
 def _padded_pair(cfg):
     """Two normalized utterances (1.1 s and 0.7 s) as one padded batch, and the short one alone."""
-    from megatron_speech.data.loader import collate_waveforms, frame_padding_mask
+    from megatron_speech.data.finetune_data import collate_waveforms, frame_padding_mask
 
     rng = np.random.default_rng(0)
     long_, short = (rng.standard_normal(n).astype(np.float32) for n in (17_600, 11_200))
     wave, _ = collate_waveforms([long_, short], pad=True)
     frames = cfg.model.num_frames(wave.shape[1])
-    padding = frame_padding_mask([len(long_), len(short)], frames)
+    wave = torch.from_numpy(wave)
+    padding = torch.from_numpy(frame_padding_mask([len(long_), len(short)], frames, cfg.model.geometry))
     alone = torch.from_numpy(short)[None]
     return wave, padding, alone
 

@@ -15,17 +15,16 @@ CASES = (("ctc", False), ("classification", True))  # (head kind, layer weightin
 def _batch(cfg, kind: str) -> dict:
     """Three utterances of different lengths, padded to frames a multiple of 2 (so TP=1 and TP=2 see the same)."""
     from megatron_speech.data.augment import normalize
-    from megatron_speech.data.finetune_data import padded_num_frames
-    from megatron_speech.data.loader import frame_padding_mask
+    from megatron_speech.data.finetune_data import frame_padding_mask, padded_num_frames
     from megatron_speech.models.wav2vec2.masker import compute_span_mask
 
     rng = np.random.default_rng(7)
     lengths = [12_000, 9_000, 6_500]
-    frames = padded_num_frames(max(lengths), cfg.model, 2)
+    frames = padded_num_frames(max(lengths), cfg.model.geometry, 2)
     wave = np.zeros((len(lengths), cfg.model.num_samples(frames)), dtype=np.float32)
     for b, n in enumerate(lengths):
         wave[b, :n] = normalize(rng.standard_normal(n).astype(np.float32), 1e-5)
-    padding = frame_padding_mask(lengths, frames)
+    padding = torch.from_numpy(frame_padding_mask(lengths, frames, cfg.model.geometry))
     real = (~padding).sum(1).numpy()
     mask = compute_span_mask((3, frames), 0.3, 3, rng, min_masks=1, lengths=real, require_same_masks=False)
     channels = compute_span_mask((3, cfg.model.hidden_size), 0.2, 8, rng)

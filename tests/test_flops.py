@@ -48,7 +48,8 @@ def test_xl_matches_the_design_numbers():
 def test_expected_masked_frames_matches_the_sampler():
     import numpy as np
 
-    from megatron_speech.models.wav2vec2.masker import compute_span_mask, counter_rng
+    from megatron_speech.common.rng import counter_rng
+    from megatron_speech.models.wav2vec2.masker import compute_span_mask
 
     for overrides in ([], ["model.mask_length=10", "model.mask_prob=0.65"]):
         m = model_config("xl", *overrides)

@@ -8,13 +8,14 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from megatron_speech.common.rng import counter_rng  # noqa: E402
 from megatron_speech.models.wav2vec2 import interop  # noqa: E402
 from megatron_speech.models.wav2vec2.factory import (  # noqa: E402
     _single_rank_groups,
     build_pretraining_model,
     transformer_config,
 )
-from megatron_speech.models.wav2vec2.masker import compute_span_mask, counter_rng, sample_negatives  # noqa: E402
+from megatron_speech.models.wav2vec2.masker import compute_span_mask, sample_negatives  # noqa: E402
 
 
 def hf_tiny_config(**kw):

@@ -142,7 +142,8 @@ def demo_shards(tmp_path_factory):
 
 
 def test_pretraining_learns_the_masked_objective(tmp_path, demo_shards):
-    from megatron_speech.models.wav2vec2.masker import compute_span_mask, counter_rng
+    from megatron_speech.common.rng import counter_rng
+    from megatron_speech.models.wav2vec2.masker import compute_span_mask
     from tests.fixtures import tiny_config
 
     steps = 400

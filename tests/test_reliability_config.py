@@ -208,8 +208,9 @@ def model_overrides(draw) -> list[str]:
 
 
 def _one_training_step(cfg) -> float:
+    from megatron_speech.common.rng import counter_rng
     from megatron_speech.models.wav2vec2.factory import _single_rank_groups, build_pretraining_model, transformer_config
-    from megatron_speech.models.wav2vec2.masker import compute_span_mask, counter_rng, sample_negatives
+    from megatron_speech.models.wav2vec2.masker import compute_span_mask, sample_negatives
 
     m = cfg.model
     model = build_pretraining_model(m, transformer_config(m), pg_collection=_single_rank_groups())

@@ -26,7 +26,8 @@ def _config(dropout: float):
 
 
 def _batch(cfg, kind: str):
-    from megatron_speech.models.wav2vec2.masker import compute_span_mask, counter_rng, sample_negatives
+    from megatron_speech.common.rng import counter_rng
+    from megatron_speech.models.wav2vec2.masker import compute_span_mask, sample_negatives
 
     rng = counter_rng(3, 0, 0, 0)
     b, f = 3, 24

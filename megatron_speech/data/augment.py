@@ -2,7 +2,7 @@
 additive MUSAN-style noise, per-utterance normalization.
 
 Every random choice comes from the generator the caller passes, which the loader keys by (seed, step, micro_step,
-dp_rank, utterance position) (masker.counter_rng): an utterance's audio is a pure function of that key, so it is
+dp_rank, utterance position) (common/rng.py): an utterance's audio is a pure function of that key, so it is
 the same in any worker, with any number of workers, and after a resume. Each utterance first draws a fixed block
 of uniforms (speed, crop offset, noise gate, noise kind), so turning one augmentation on or off does not move the
 crop of another utterance, nor this utterance's crop when speed perturbation is off.
@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import soxr
 
-from megatron_speech.models.wav2vec2.config import SAMPLE_RATE
+from megatron_speech.common.audio import SAMPLE_RATE
 
 NOISE_KINDS = ("noise", "music", "babble")
 FOLDER_OF_KIND = {"noise": "noise", "music": "music", "babble": "speech"}

@@ -17,9 +17,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from megatron_speech.common.audio import SAMPLE_RATE
 from megatron_speech.config import DataConfig
 from megatron_speech.data.loader import build_pretrain_loader
-from megatron_speech.models.wav2vec2.config import SAMPLE_RATE, Wav2Vec2Config
+from megatron_speech.models.wav2vec2.config import Wav2Vec2Config
 
 
 def bench_loader(

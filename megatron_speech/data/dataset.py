@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from megatron_speech.common.audio import SAMPLE_RATE
 from megatron_speech.data.index import UtteranceIndex, manifest_path
-from megatron_speech.models.wav2vec2.config import SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
 

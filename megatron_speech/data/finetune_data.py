@@ -6,13 +6,14 @@
     batches = eval_batches(valid, task, cfg, dp_rank, dp_size, tp_size)   # same batches every evaluation
 
 A micro-batch: {"waveform": float32 [B, T] (each utterance normalized on its own samples, then zero-padded),
-"padding_mask": bool [B, F] (True = padded frame: its 400-sample window runs past the utterance, transformers'
+"padding_mask": bool [B, F] (True = padded frame: its receptive field runs past the utterance, transformers'
 rule), "mask": bool [B, F] or None, "channel_mask": bool [B, H] or None, "targets": int64 (CTC: the utterances'
 token ids concatenated; classification: [B] class ids), "target_lengths": int64 [B], "target_min_frames": int64
 [B] (CTC: tokens + repeated neighbours, the fewest frames an alignment needs), "references": [B] raw label values
 (for the metrics), "ids", "num_samples" (real audio samples), "step", "micro_step"}.
 
-F = the frames of the longest utterance rounded up to a multiple of tp, and T = max(longest, 320 (F - 1) + 400):
+F = the frames of the longest utterance rounded up to a multiple of tp, and T = max(longest, stride (F - 1) +
+receptive_field) (the model's ConvGeometry):
 each TP rank's time-sharded conv encoder gets whole frames (DESIGN §3), padded frames are masked out of
 attention, pooling, the CTC loss and decoding, so padding never changes an utterance's result.
 
@@ -20,37 +21,37 @@ Batches are a padded-sample budget (data.max_tokens >= B * longest), length-buck
 resumable stream of data/sampler.py (assigned to (dp_rank, micro_step) slots; its state is the global batches
 consumed). Utterances without the task's label, shorter than data.min_sample_seconds or longer than
 data.max_sample_seconds are skipped and counted in the log (cropping would cut labeled speech).
-Augmentation: additive noise (data.noise_dir) only; speed perturbation is refused by the config check. Masks for
-fine-tuning (finetune.mask_prob) come from masker.counter_rng keyed like pre-training's, never on padded frames.
+Augmentation: additive noise (data.noise_dir) only; speed perturbation is refused by the config check (and
+could not act anyway: an uncropped utterance leaves no audio for a faster speed). Masks for fine-tuning
+(finetune.mask_prob) come from counter_rng keyed like pre-training's (common/rng.py), never on padded frames.
+The builder emits numpy; the stream (data/stream.py: workers, signals, resume, tensors) is pre-training's.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
 
+from megatron_speech.common.audio import SAMPLE_RATE, ConvGeometry
+from megatron_speech.common.rng import (
+    CHANNEL_STREAM,
+    MASK_STREAM,
+    PADDED_BATCH_STREAM,
+    UTTERANCE_STREAM,
+    counter_rng,
+)
 from megatron_speech.data.augment import Augmenter
 from megatron_speech.data.dataset import AudioShards, manifest_path
-from megatron_speech.data.loader import collate_waveforms, frame_padding_mask, start_workers
-from megatron_speech.data.noise import open_noise
-from megatron_speech.data.sampler import DynamicBatchSampler, Position, Slot
-from megatron_speech.models.wav2vec2.config import SAMPLE_RATE, Wav2Vec2Config
-from megatron_speech.models.wav2vec2.masker import compute_span_mask, counter_rng
+from megatron_speech.data.sampler import DynamicBatchSampler, Slot
+from megatron_speech.data.stream import EvalLoader, ResumableLoader, build_augmenter
+from megatron_speech.models.wav2vec2.masker import compute_span_mask
 from megatron_speech.tasks.task import Task
-from megatron_speech.training.signals import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
-
-MASK_STREAM, CHANNEL_STREAM, UTTERANCE_STREAM = 0, 1, 2  # counter_rng streams (utterance b: 2 + b)
-_BATCH_STREAM = 0x46544E42  # "FTNB": the sampler's per-epoch shuffles
-EVAL_MICRO_STEP = 0xFFFF
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -184,9 +185,9 @@ def has_rows(path: str) -> bool:
         return False
 
 
-def min_samples_for(data_cfg, model_cfg: Wav2Vec2Config) -> int:
-    """Shortest utterance kept: data.min_sample_seconds, and at least one frame."""
-    return max(round(data_cfg.min_sample_seconds * SAMPLE_RATE), model_cfg.receptive_field)
+def min_samples_for(data_cfg, model_cfg) -> int:
+    """Shortest utterance kept: data.min_sample_seconds, and at least one frame of model_cfg (Wav2Vec2Config)."""
+    return max(round(data_cfg.min_sample_seconds * SAMPLE_RATE), model_cfg.geometry.receptive_field)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -198,7 +199,8 @@ class BatchSpec:
     """What building a micro-batch needs beyond the audio (picklable, for spawned workers)."""
 
     task: Task
-    model_cfg: Wav2Vec2Config
+    geometry: ConvGeometry
+    hidden_size: int
     tp_size: int
     seed: int
     normalize_eps: float | None
@@ -210,14 +212,43 @@ class BatchSpec:
 
 def batch_spec(task: Task, cfg, tp_size: int) -> BatchSpec:
     ft = cfg.finetune
-    return BatchSpec(task, cfg.model, tp_size, cfg.train.seed, cfg.data.normalize_eps if cfg.data.normalize else None,
+    eps = cfg.data.normalize_eps if cfg.data.normalize else None
+    return BatchSpec(task, cfg.model.geometry, cfg.model.hidden_size, tp_size, cfg.train.seed, eps,
                      ft.mask_prob, ft.mask_length, ft.mask_channel_prob, ft.mask_channel_length)
 
 
-def padded_num_frames(longest_samples: int, model_cfg: Wav2Vec2Config, tp_size: int) -> int:
+def padded_num_frames(longest_samples: int, geometry: ConvGeometry, tp_size: int) -> int:
     """Frames of a padded batch: those of its longest utterance, rounded up to a multiple of tp."""
-    frames = model_cfg.num_frames(longest_samples)
+    frames = geometry.num_frames(longest_samples)
     return frames + (-frames) % tp_size
+
+
+def collate_waveforms(waves: Sequence[np.ndarray], pad: bool = False,
+                      min_length: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """Stack float32 waveforms into [B, T]. Equal lengths (and T >= min_length): (waveform, None). pad=True: right-pad
+    with zeros to max(longest, min_length) and return the padding mask [B, T] (True = padded sample); pre-training
+    never pads, so unequal lengths without pad=True are a bug and raise."""
+    lengths = [len(w) for w in waves]
+    longest = max(lengths)
+    if all(n == longest for n in lengths) and longest >= min_length:
+        return np.stack(waves).astype(np.float32, copy=False), None
+    if not pad:
+        raise ValueError(f"waveforms of unequal lengths {lengths} in a batch that must not be padded")
+    total = max(longest, min_length)
+    out = np.zeros((len(waves), total), dtype=np.float32)
+    padding = np.ones((len(waves), total), dtype=bool)
+    for b, w in enumerate(waves):
+        out[b, :len(w)] = w
+        padding[b, :len(w)] = False
+    return out, padding
+
+
+def frame_padding_mask(num_samples: Sequence[int], num_frames: int, geometry: ConvGeometry) -> np.ndarray:
+    """Frame-level padding mask [B, F] (True = padded): frame i is real only if its whole window
+    [stride i, stride i + receptive_field) lies within the utterance. Feed `lengths = (~mask).sum(1)` to
+    masker.compute_span_mask so padded frames are never masked nor drawn as distractors."""
+    real = [max(0, geometry.num_frames(n)) for n in num_samples]
+    return np.arange(num_frames)[None, :] >= np.asarray(real)[:, None]
 
 
 class FinetuneBatchBuilder:
@@ -233,7 +264,7 @@ class FinetuneBatchBuilder:
 
     def build(self, positions: np.ndarray, key: tuple[int, int, int]) -> dict[str, Any]:
         """positions: indices into the split; key: (step, micro_step, dp_rank) of the random streams."""
-        spec, split, cfg = self.spec, self.split, self.spec.model_cfg
+        spec, split, geometry = self.spec, self.split, self.spec.geometry
         step, micro_step, dp_rank = key
         waves, lengths = [], []
         for b, k in enumerate(positions.tolist()):
@@ -244,13 +275,11 @@ class FinetuneBatchBuilder:
             # over its own samples only, before any padding.
             waves.append(self.augmenter(lambda o, c, i=i: split.source.read(i, o, c), n, n, rng))
             lengths.append(n)
-        num_frames = padded_num_frames(max(lengths), cfg, spec.tp_size)
-        waveform, _ = collate_waveforms(waves, pad=True)  # [B, longest]
-        total = cfg.num_samples(num_frames)
-        if waveform.shape[1] < total:  # whole frames for every TP rank
-            waveform = torch.nn.functional.pad(waveform, (0, total - waveform.shape[1]))
-        padding = frame_padding_mask(lengths, num_frames, cfg.total_stride, cfg.receptive_field)
-        real_frames = (~padding).sum(1).numpy()
+        num_frames = padded_num_frames(max(lengths), geometry, spec.tp_size)
+        # [B, max(longest, whole frames for every TP rank)], zero-padded
+        waveform, _ = collate_waveforms(waves, pad=True, min_length=geometry.num_samples(num_frames))
+        padding = frame_padding_mask(lengths, num_frames, geometry)
+        real_frames = (~padding).sum(1)
 
         mask = channel_mask = None
         batch = len(lengths)
@@ -260,7 +289,7 @@ class FinetuneBatchBuilder:
                                      lengths=real_frames, require_same_masks=False)
         if self.train and spec.channel_prob > 0:
             rng = counter_rng(spec.seed, step, micro_step, dp_rank, CHANNEL_STREAM)
-            channel_mask = compute_span_mask((batch, cfg.hidden_size), spec.channel_prob, spec.channel_length, rng,
+            channel_mask = compute_span_mask((batch, spec.hidden_size), spec.channel_prob, spec.channel_length, rng,
                                              min_masks=0)
 
         task = spec.task
@@ -268,8 +297,8 @@ class FinetuneBatchBuilder:
         ids = [split.source.id(int(split.indices[k])) for k in positions.tolist()]
         targets = [task.target(v, uid, strict=self.train) for v, uid in zip(references, ids, strict=True)]
         out = {
-            "waveform": waveform.numpy(),
-            "padding_mask": padding.numpy(),
+            "waveform": waveform,
+            "padding_mask": padding,
             "mask": mask,
             "channel_mask": channel_mask,
             "references": references,
@@ -288,31 +317,19 @@ class FinetuneBatchBuilder:
         return out
 
 
-_TENSOR_KEYS = ("waveform", "padding_mask", "mask", "channel_mask", "targets", "target_lengths", "target_min_frames")
-
-
-def as_tensors(batch: dict[str, Any]) -> dict[str, Any]:
-    """numpy -> torch in the training process (workers send numpy: see loader.py's _as_tensors)."""
-    for key in _TENSOR_KEYS:
-        if batch.get(key) is not None:
-            batch[key] = torch.from_numpy(batch[key])
-    return batch
-
-
 class PaddedBatchSampler(DynamicBatchSampler):
     """Pre-training's stream of micro-batches (epochs, (dp_rank, micro_step) slots, resumable position), with
     batches budgeted for padding: count x longest <= max_tokens (pre-training's budget is count x the crop of the
     shortest). The budget uses the tp = 1 length, so the batches do not depend on the parallel layout."""
 
     def __init__(self, lengths: np.ndarray, max_tokens: int, seed: int, dp_rank: int = 0, dp_size: int = 1,
-                 num_micro_batches: int = 1, shuffle: bool = True, stride: int = 320,
-                 receptive_field: int = 400) -> None:
+                 num_micro_batches: int = 1, shuffle: bool = True, *, geometry: ConvGeometry) -> None:
         lengths = np.asarray(lengths, dtype=np.int64)
         if int(lengths.max()) > max_tokens:
             raise ValueError(f"data.max_tokens={max_tokens} is smaller than the longest utterance "
                              f"({int(lengths.max())} samples): raise it or lower data.max_sample_seconds")
         super().__init__(lengths, max_tokens, int(lengths.max()), seed, dp_rank, dp_size, num_micro_batches,
-                         shuffle=shuffle, stride=stride, receptive_field=receptive_field)
+                         shuffle=shuffle, geometry=geometry)
         self._padded: dict[int, list[np.ndarray]] = {}
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
@@ -320,7 +337,7 @@ class PaddedBatchSampler(DynamicBatchSampler):
         if cached is not None:
             return cached
         items = self.epoch_items(epoch)
-        rng = counter_rng(self.seed, epoch, 1, 0, stream=_BATCH_STREAM)
+        rng = counter_rng(self.seed, epoch, 1, 0, stream=PADDED_BATCH_STREAM)
         ties = rng.random(len(items)) if self.shuffle else np.arange(len(items))
         items = items[np.lexsort((ties, -self.lengths[items]))]  # longest first: a batch's first sets its pad
         bounds, count, longest = [0], 0, 0
@@ -341,79 +358,13 @@ class PaddedBatchSampler(DynamicBatchSampler):
         return batches
 
 
-class _SlotStream(torch.utils.data.Sampler):
-    def __init__(self, sampler: PaddedBatchSampler, start: Position) -> None:
-        self.sampler, self.start = sampler, start
-
-    def __iter__(self) -> Iterator[Slot]:
-        return self.sampler.slots(self.start)
-
-
-def _identity(x: Any) -> Any:
-    return x
-
-
-def _data_loader(dataset, sampler, num_workers: int, prefetch: int) -> DataLoader:
-    kwargs: dict[str, Any] = {}
-    if num_workers > 0:  # spawn, never fork: the parent holds process groups and threads
-        # workers ignore Slurm's USR1/TERM (and are spawned with them blocked, start_workers): loader.py says why
-        kwargs = {"multiprocessing_context": "spawn", "prefetch_factor": max(2, math.ceil(prefetch / num_workers)),
-                  "worker_init_fn": ignore_stop_signals}
-    # Its own generator: creating a DataLoader iterator draws a base seed, and from the default generator that
-    # draw would shift dropout after a resume (the iterator is created after the RNG state is restored). Batches
-    # are pure functions of their slot: the seed is never used.
-    return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers, collate_fn=_identity,
-                      generator=torch.Generator().manual_seed(0), **kwargs)
-
-
-class FinetuneLoader:
-    """Iterator over steps: this DP rank's num_micro_batches micro-batches. state_dict() is the position after
-    the last step returned; a loader built with it as start_state continues with exactly the next step."""
-
-    def __init__(self, builder: FinetuneBatchBuilder, sampler: PaddedBatchSampler, num_workers: int = 0) -> None:
-        self.builder, self.sampler, self.num_workers = builder, sampler, num_workers
-        self._it: Iterator[dict[str, Any]] | None = None
-
-    def __iter__(self) -> FinetuneLoader:
-        return self
-
-    def __next__(self) -> list[dict[str, Any]]:
-        if self._it is None:
-            stream = _SlotStream(self.sampler, self.sampler.position)
-            loader = _data_loader(self.builder, stream, self.num_workers, 2 * self.sampler.num_micro_batches)
-            self._it = start_workers(loader)
-        batches = [next(self._it) for _ in range(self.sampler.num_micro_batches)]
-        self.sampler.position = batches[-1].pop("_after")
-        for b in batches[:-1]:
-            b.pop("_after")
-        return [as_tensors(b) for b in batches]
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._it = None
-        self.sampler.load_state_dict(state)
-
-
-def build_augmenter(data_cfg, train: bool) -> Augmenter:
-    """Normalization as configured; additive noise only when training (no speed perturbation: see module doc)."""
-    eps = data_cfg.normalize_eps if data_cfg.normalize else None
-    if not train or not data_cfg.noise_dir:
-        return Augmenter(normalize_eps=eps)
-    noise = open_noise(data_cfg.noise_dir, data_cfg.noise_types)
-    return Augmenter((), noise, data_cfg.noise_prob, tuple(data_cfg.noise_snr_db), tuple(data_cfg.music_snr_db),
-                     tuple(data_cfg.babble_snr_db), tuple(data_cfg.babble_num_speakers), normalize_eps=eps)
-
-
 def build_finetune_loader(split: LabeledSplit, task: Task, cfg, dp_rank: int, dp_size: int, tp_size: int,
-                          start_state: dict[str, Any] | None = None) -> FinetuneLoader:
+                          start_state: dict[str, Any] | None = None) -> ResumableLoader:
     """The training loader of one rank (every TP rank of a DP group passes the same dp_rank)."""
-    m = cfg.model
     sampler = PaddedBatchSampler(split.lengths, cfg.data.max_tokens, cfg.train.seed, dp_rank, dp_size,
-                                 cfg.train.num_micro_batches, stride=m.total_stride, receptive_field=m.receptive_field)
+                                 cfg.train.num_micro_batches, geometry=cfg.model.geometry)
     builder = FinetuneBatchBuilder(split, batch_spec(task, cfg, tp_size), build_augmenter(cfg.data, True), True)
-    loader = FinetuneLoader(builder, sampler, cfg.data.num_workers)
+    loader = ResumableLoader(builder, sampler, cfg.data.num_workers)
     if start_state is not None:
         loader.load_state_dict(start_state)
     return loader
@@ -423,12 +374,9 @@ def eval_batches(split: LabeledSplit, task: Task, cfg, dp_rank: int = 0, dp_size
                  max_batches: int | None = None) -> Iterator[dict[str, Any]]:
     """This DP rank's share of one pass over a split, in length order (no augmentation, no masks): the same
     batches at every evaluation. max_batches caps the batches per rank."""
-    m = cfg.model
     sampler = PaddedBatchSampler(split.lengths, cfg.data.max_tokens, cfg.train.seed, shuffle=False,
-                                 stride=m.total_stride, receptive_field=m.receptive_field)
-    mine = sampler.epoch_batches(0)[dp_rank::dp_size][:max_batches]
+                                 geometry=cfg.model.geometry)
+    batches = sampler.epoch_batches(0)
+    count = len(batches[dp_rank::dp_size][:max_batches])
     builder = FinetuneBatchBuilder(split, batch_spec(task, cfg, tp_size), build_augmenter(cfg.data, False), False)
-    slots = [Slot(k, EVAL_MICRO_STEP, dp_rank, 0, indices, Position()) for k, indices in enumerate(mine)]
-    for batch in _data_loader(builder, slots, cfg.data.num_workers, 2):
-        batch.pop("_after")
-        yield as_tensors(batch)
+    yield from EvalLoader(builder, batches, dp_rank, dp_size, cfg.data.num_workers, count=count)

@@ -13,14 +13,9 @@ T = stride (F - 1) + receptive_field exactly and F a multiple of tp (data/crop.p
 Every TP rank of a DP group builds the same loader (same dp_rank) and gets bit-identical micro-batches.
 
 Determinism: a micro-batch is a pure function of its slot (sampler.py) and the seed. Crop offsets and augmentation
-of utterance b use masker.counter_rng(seed, step, micro_step, dp_rank, stream=2 + b), the time mask and
-negatives stream 0, the channel mask stream 1. Workers hold no state, so any number of them (0 = in process)
-yields the same batches, and a resume from state_dict() yields bit-identically the batches an uninterrupted run
-would have. Workers are spawned, never forked (the parent may hold CUDA or process groups).
-
-Signals: Slurm sends SIGUSR1 (the time-limit warning) and SIGTERM (preemption) to every process of the step, workers
-included. Workers start with both blocked and then ignore them (training/signals.py), so the training process
-can finish its step and save while they keep serving batches; it ends them itself when it releases the iterator.
+of utterance b use counter_rng(seed, step, micro_step, dp_rank, UTTERANCE_STREAM + b), the time mask and
+negatives MASK_STREAM, the channel mask CHANNEL_STREAM (common/rng.py). The builder emits numpy; the stream
+(data/stream.py: workers, signals, resume, tensors) is the one fine-tuning uses too.
 """
 
 from __future__ import annotations
@@ -28,33 +23,30 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
 
+from megatron_speech.common.audio import SAMPLE_RATE, ConvGeometry
+from megatron_speech.common.rng import CHANNEL_STREAM, MASK_STREAM, UTTERANCE_STREAM, counter_rng
 from megatron_speech.data.augment import SPEED_MARGIN, Augmenter
-from megatron_speech.data.crop import crop_num_frames, crop_num_samples
+from megatron_speech.data.crop import crop_num_frames
 from megatron_speech.data.dataset import Corpus, corpus_names
-from megatron_speech.data.noise import check_noise_source, open_noise
-from megatron_speech.data.sampler import DynamicBatchSampler, Position, Slot
-from megatron_speech.models.wav2vec2.config import SAMPLE_RATE, Wav2Vec2Config
-from megatron_speech.models.wav2vec2.masker import compute_span_mask, counter_rng, sample_negatives
-from megatron_speech.training.signals import ignore_stop_signals, stop_signals_blocked
+from megatron_speech.data.noise import check_noise_source
+from megatron_speech.data.sampler import DynamicBatchSampler, Slot
+from megatron_speech.data.stream import EvalLoader, ResumableLoader, build_augmenter
+from megatron_speech.models.wav2vec2.masker import compute_span_mask, sample_negatives
 
 logger = logging.getLogger(__name__)
-
-MASK_STREAM, CHANNEL_STREAM, UTTERANCE_STREAM = 0, 1, 2  # counter_rng streams; utterance b uses 2 + b
-EVAL_MICRO_STEP = 0xFFFF  # evaluation keys (seed, k, 0xFFFF, dp_rank) never collide with training's
 
 
 @dataclass(frozen=True)
 class MaskingSpec:
-    """What the masks and distractors need, in frames / channels (from the model config)."""
+    """What the crops, masks and distractors need, in frames / channels (from the model config)."""
 
+    geometry: ConvGeometry
     mask_prob: float
     mask_length: int
     min_masks: int
@@ -62,8 +54,6 @@ class MaskingSpec:
     channel_prob: float = 0.0
     channel_length: int = 10
     hidden_size: int = 0
-    stride: int = 320
-    receptive_field: int = 400
 
     @property
     def min_frames(self) -> int:
@@ -71,39 +61,11 @@ class MaskingSpec:
         return self.min_masks * self.mask_length + 1
 
 
-def masking_spec(model_cfg: Wav2Vec2Config) -> MaskingSpec:
-    """The MaskingSpec of a model config."""
-    return MaskingSpec(model_cfg.mask_prob, model_cfg.mask_length_frames, model_cfg.mask_min_masks,
-                       model_cfg.num_negatives, model_cfg.mask_channel_prob, model_cfg.mask_channel_length,
-                       model_cfg.hidden_size, model_cfg.total_stride, model_cfg.receptive_field)
-
-
-def collate_waveforms(waves: Sequence[np.ndarray], pad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Stack float32 waveforms into [B, T]. Equal lengths: (waveform, None). pad=True (fine-tuning): right-pad
-    with zeros to the longest and return the padding mask [B, T] (True = padded sample); pre-training never
-    pads, so unequal lengths without pad=True are a bug and raise."""
-    lengths = [len(w) for w in waves]
-    longest = max(lengths)
-    if all(n == longest for n in lengths):
-        return torch.from_numpy(np.stack(waves).astype(np.float32, copy=False)), None
-    if not pad:
-        raise ValueError(f"waveforms of unequal lengths {lengths} in a batch that must not be padded")
-    out = np.zeros((len(waves), longest), dtype=np.float32)
-    padding = np.ones((len(waves), longest), dtype=bool)
-    for b, w in enumerate(waves):
-        out[b, :len(w)] = w
-        padding[b, :len(w)] = False
-    return torch.from_numpy(out), torch.from_numpy(padding)
-
-
-def frame_padding_mask(num_samples: Sequence[int], num_frames: int, stride: int = 320,
-                       receptive_field: int = 400) -> torch.Tensor:
-    """Frame-level padding mask [B, F] (True = padded): frame i is real only if its whole window
-    [stride i, stride i + receptive_field) lies within the utterance. Feed `lengths = (~mask).sum(1)` to
-    masker.compute_span_mask so padded frames are never masked nor drawn as distractors."""
-    real = [max(0, (n - receptive_field) // stride + 1) if n >= receptive_field else 0 for n in num_samples]
-    frames = np.arange(num_frames)[None, :]
-    return torch.from_numpy(frames >= np.asarray(real)[:, None])
+def masking_spec(model_cfg: Any) -> MaskingSpec:
+    """The MaskingSpec of a model config (Wav2Vec2Config)."""
+    return MaskingSpec(model_cfg.geometry, model_cfg.mask_prob, model_cfg.mask_length_frames,
+                       model_cfg.mask_min_masks, model_cfg.num_negatives, model_cfg.mask_channel_prob,
+                       model_cfg.mask_channel_length, model_cfg.hidden_size)
 
 
 class MicroBatchBuilder:
@@ -123,15 +85,15 @@ class MicroBatchBuilder:
         fastest = self.augmenter.max_speed
         if fastest > 1.0:
             need = max(m.min_frames, self.tp_size)
-            floor = crop_num_samples(need + (-need) % self.tp_size, m.stride, m.receptive_field)
+            floor = m.geometry.num_samples(need + (-need) % self.tp_size)
             shortest = min(shortest, max(floor, math.floor((shortest - SPEED_MARGIN) / fastest)))
-        return crop_num_frames(shortest, self.max_samples, self.tp_size, m.min_frames, m.stride, m.receptive_field)
+        return crop_num_frames(shortest, self.max_samples, self.tp_size, m.min_frames, m.geometry)
 
     def __getitem__(self, slot: Slot) -> dict[str, Any]:
         m = self.masking
         lengths = self.shards.lengths_of(slot.indices)
         num_frames = self.num_frames(lengths)
-        num_samples = crop_num_samples(num_frames, m.stride, m.receptive_field)
+        num_samples = m.geometry.num_samples(num_frames)
         waves = []
         for b, (i, length) in enumerate(zip(slot.indices.tolist(), lengths.tolist(), strict=True)):
             rng = counter_rng(self.seed, slot.step, slot.micro_step, slot.dp_rank, UTTERANCE_STREAM + b)
@@ -148,7 +110,7 @@ class MicroBatchBuilder:
             rng = counter_rng(self.seed, slot.step, slot.micro_step, slot.dp_rank, CHANNEL_STREAM)
             channel_mask = compute_span_mask((batch, m.hidden_size), m.channel_prob, m.channel_length, rng,
                                              min_masks=0)
-        # numpy, not torch: see _as_tensors
+        # numpy, not torch: the stream converts (stream.to_tensors says why)
         return {
             "waveform": waveform,
             "mask": mask,
@@ -162,144 +124,6 @@ class MicroBatchBuilder:
         }
 
 
-def _identity(batch: Any) -> Any:
-    return batch
-
-
-_TENSOR_KEYS = ("waveform", "mask", "negatives", "channel_mask")
-
-
-def _as_tensors(batch: dict[str, Any], pin_memory: bool) -> dict[str, Any]:
-    """numpy arrays from the builder -> tensors, in the training process. Workers send numpy (pickled through
-    the pipe) rather than tensors (shared-memory file descriptors): a worker shut down while its queue thread
-    is inside torch's C++ tensor sharing dies with "terminate called without an active exception" (SIGABRT)."""
-    for key in _TENSOR_KEYS:
-        value = batch[key]
-        if value is not None:
-            tensor = torch.from_numpy(value)
-            batch[key] = tensor.pin_memory() if pin_memory else tensor
-    return batch
-
-
-class _SlotStream(torch.utils.data.Sampler):
-    """The DataLoader's sampler: this rank's slots from a fixed start position (endless)."""
-
-    def __init__(self, sampler: DynamicBatchSampler, start: Position) -> None:
-        self.sampler, self.start = sampler, start
-
-    def __iter__(self) -> Iterator[Slot]:
-        return self.sampler.slots(self.start)
-
-
-class _EvalStream(torch.utils.data.Sampler):
-    """Evaluation slots of one DP rank: item k is batches[(k dp_size + dp_rank) mod len], endless, always from
-    k = 0 (every evaluation sees the same batches)."""
-
-    def __init__(self, batches: list[np.ndarray], dp_rank: int, dp_size: int) -> None:
-        self.batches, self.dp_rank, self.dp_size = batches, dp_rank, dp_size
-
-    def __iter__(self) -> Iterator[Slot]:
-        k = 0
-        while True:
-            indices = self.batches[(k * self.dp_size + self.dp_rank) % len(self.batches)]
-            yield Slot(k, EVAL_MICRO_STEP, self.dp_rank, 0, indices, Position())
-            k += 1
-
-
-def _data_loader(builder: MicroBatchBuilder, stream: torch.utils.data.Sampler, num_workers: int,
-                 prefetch: int) -> DataLoader:
-    kwargs: dict[str, Any] = {}
-    if num_workers > 0:
-        # spawn: workers share nothing with a parent that may hold CUDA contexts, process groups or threads.
-        # ignore_stop_signals: a worker killed by Slurm's USR1/TERM would make torch raise in the training process
-        # before it could save (the iterator must also be created under stop_signals_blocked: see start_workers).
-        kwargs = {"multiprocessing_context": "spawn", "prefetch_factor": max(2, math.ceil(prefetch / num_workers)),
-                  "worker_init_fn": ignore_stop_signals}
-    # A private generator: iterating a DataLoader draws its workers' base seed from the generator it is given,
-    # by default torch's global one, which dropout on the training side also draws from. A resumed run creates
-    # its iterator at another step than the uninterrupted run, so that draw would shift every later dropout
-    # mask. Our workers take all randomness from counter_rng, so the base seed is irrelevant to the batches.
-    return DataLoader(builder, batch_size=None, sampler=stream, num_workers=num_workers, collate_fn=_identity,
-                      generator=torch.Generator(), **kwargs)
-
-
-def start_workers(loader: DataLoader) -> Iterator[dict[str, Any]]:
-    """iter(loader), its workers spawned with SIGUSR1/SIGTERM blocked: a worker takes seconds to import torch and
-    reach worker_init_fn, and a signal in that window would kill it (the block is inherited across exec)."""
-    with stop_signals_blocked():
-        return iter(loader)
-
-
-class PretrainLoader:
-    """Iterator over global steps: each item is this DP rank's list of num_micro_batches micro-batches.
-
-    state_dict() is the position after the last global batch returned (prefetched batches do not count);
-    load_state_dict() (or build_pretrain_loader's start_state) makes the next item the one after it.
-    """
-
-    def __init__(self, builder: MicroBatchBuilder, sampler: DynamicBatchSampler, num_workers: int = 0,
-                 pin_memory: bool = False, extra_stats: Mapping[str, float] | None = None) -> None:
-        self.builder, self.sampler = builder, sampler
-        self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.num_micro_batches = sampler.num_micro_batches
-        self._extra_stats = dict(extra_stats or {})
-        self._it: Iterator[dict[str, Any]] | None = None
-
-    @property
-    def step(self) -> int:
-        """Global batches consumed = the step (masker key) of the next global batch."""
-        return self.sampler.position.global_batches
-
-    def __iter__(self) -> PretrainLoader:
-        return self
-
-    def __next__(self) -> list[dict[str, Any]]:
-        if self._it is None:
-            stream = _SlotStream(self.sampler, self.sampler.position)
-            self._it = start_workers(_data_loader(self.builder, stream, self.num_workers, 2 * self.num_micro_batches))
-        batches = [next(self._it) for _ in range(self.num_micro_batches)]
-        for m, batch in enumerate(batches):
-            assert (batch["step"], batch["micro_step"]) == (self.step, m), (batch["step"], batch["micro_step"])
-            after = batch.pop("_after")
-        self.sampler.position = after
-        return [_as_tensors(b, self.pin_memory) for b in batches]
-
-    def state_dict(self) -> dict[str, Any]:
-        """Sampler position: global batches consumed, epoch, micro-batches of that epoch consumed (plain ints)."""
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue after the global batch where `state` was taken (restarts the workers if running)."""
-        self.close()
-        self.sampler.load_state_dict(state)
-
-    def mixing_stats(self) -> dict[str, float]:
-        """Flat metrics: `data/<language>/{hours,weight,natural_weight,utterances_per_epoch}`, skipped audio."""
-        return {**self.sampler.mixing_stats(), **self._extra_stats}
-
-    def close(self) -> None:
-        """Stop the worker processes (they restart on the next item)."""
-        self._it = None  # the DataLoader iterator shuts its workers down when released
-
-
-class EvalLoader:
-    """Endless evaluation micro-batches of one DP rank (single dicts, not lists). Each iter() starts over, so
-    every evaluation sees the same batches, crops and masks. `num_batches`: this rank's share of one pass."""
-
-    def __init__(self, builder: MicroBatchBuilder, batches: list[np.ndarray], dp_rank: int, dp_size: int,
-                 num_workers: int = 0, pin_memory: bool = False) -> None:
-        self.builder, self.batches, self.dp_rank, self.dp_size = builder, batches, dp_rank, dp_size
-        self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.num_batches = len(batches[dp_rank::dp_size])
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        loader = _data_loader(self.builder, _EvalStream(self.batches, self.dp_rank, self.dp_size),
-                              self.num_workers, 2)
-        for batch in start_workers(loader):
-            batch.pop("_after")
-            yield _as_tensors(batch, self.pin_memory)
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Factories: read the configs, build the pieces
 
@@ -309,7 +133,7 @@ def min_utterance_samples(data_cfg: Any, masking: MaskingSpec, tp_size: int) -> 
     tp (max(min_frames, tp) frames rounded up to a multiple of tp)."""
     need = max(masking.min_frames, tp_size)
     need += (-need) % tp_size
-    rule = crop_num_samples(need, masking.stride, masking.receptive_field)
+    rule = masking.geometry.num_samples(need)
     configured = round(data_cfg.min_sample_seconds * SAMPLE_RATE)
     if rule > configured:
         logger.info("data: keeping utterances of at least %d samples (the crop rule at tp=%d needs %d frames), "
@@ -358,27 +182,16 @@ def check_noise_dir(data_cfg: Any) -> None:
         check_noise_source(data_cfg.noise_dir, data_cfg.noise_types)
 
 
-def build_augmenter(data_cfg: Any, train: bool = True) -> Augmenter:
-    """The Augmenter of data_cfg; train=False keeps only the normalization (evaluation: no augmentation)."""
-    eps = data_cfg.normalize_eps if data_cfg.normalize else None
-    if not train:
-        return Augmenter(normalize_eps=eps)
-    noise = open_noise(data_cfg.noise_dir, data_cfg.noise_types) if data_cfg.noise_dir else None
-    return Augmenter(data_cfg.speed_perturb, noise, data_cfg.noise_prob, tuple(data_cfg.noise_snr_db),
-                     tuple(data_cfg.music_snr_db), tuple(data_cfg.babble_snr_db),
-                     tuple(data_cfg.babble_num_speakers), normalize_eps=eps)
-
-
-def build_pretrain_loader(data_cfg: Any, model_cfg: Wav2Vec2Config, dp_rank: int, dp_size: int,
+def build_pretrain_loader(data_cfg: Any, model_cfg: Any, dp_rank: int, dp_size: int,
                           num_micro_batches: int, tp_size: int, seed: int,
                           start_state: Mapping[str, Any] | None = None, *, pin_memory: bool = False,
-                          augment: bool = True) -> PretrainLoader:
+                          augment: bool = True) -> ResumableLoader:
     """The pre-training loader of one rank (every TP rank of a DP group passes the same dp_rank).
 
     data_cfg: config.DataConfig (prefix, weights, max_tokens, crops, augmentation, num_workers);
-    model_cfg: masking, negatives, conv stride; seed: train.seed (data order, crops, augmentation, masks);
-    start_state: a previous loader.state_dict() to resume from; augment=False turns off speed and noise
-    (normalization stays as configured).
+    model_cfg: Wav2Vec2Config (masking, negatives, conv geometry); seed: train.seed (data order, crops,
+    augmentation, masks); start_state: a previous loader.state_dict() to resume from; augment=False turns off
+    speed and noise (normalization stays as configured).
     """
     if augment:
         check_noise_dir(data_cfg)  # before the manifests: they take minutes to load at scale
@@ -391,7 +204,7 @@ def build_pretrain_loader(data_cfg: Any, model_cfg: Wav2Vec2Config, dp_rank: int
     del keep
     sampler = DynamicBatchSampler(corpus.lengths, data_cfg.max_tokens, max_samples, seed, dp_rank, dp_size,
                                   num_micro_batches, groups, names, weights, data_cfg.sampling_alpha,
-                                  stride=masking.stride, receptive_field=masking.receptive_field)
+                                  geometry=masking.geometry)
     for name in names:
         logger.info("data: %-12s %9.2f h  sampling weight %.4f (natural %.4f)", name, sampler.hours[name],
                     sampler.weights[name], sampler.mixing_stats()[f"data/{name}/natural_weight"])
@@ -399,13 +212,13 @@ def build_pretrain_loader(data_cfg: Any, model_cfg: Wav2Vec2Config, dp_rank: int
     builder = MicroBatchBuilder(corpus, augmenter, masking, tp_size, max_samples, seed)
     extra = {"data/hours": sampler.num_samples / SAMPLE_RATE / 3600, "data/skipped_utterances": float(skipped[0]),
              "data/skipped_hours": skipped[1] / SAMPLE_RATE / 3600}
-    loader = PretrainLoader(builder, sampler, data_cfg.num_workers, pin_memory, extra)
+    loader = ResumableLoader(builder, sampler, data_cfg.num_workers, pin_memory, extra)
     if start_state is not None:
         loader.load_state_dict(start_state)
     return loader
 
 
-def build_eval_loader(data_cfg: Any, model_cfg: Wav2Vec2Config, dp_rank: int, dp_size: int, tp_size: int,
+def build_eval_loader(data_cfg: Any, model_cfg: Any, dp_rank: int, dp_size: int, tp_size: int,
                       seed: int, *, pin_memory: bool = False) -> EvalLoader:
     """Evaluation loader over the valid split of data.valid_prefix (default: data.prefix): no augmentation,
     natural proportions, and the same batches, crops and masks at every evaluation."""
@@ -416,6 +229,6 @@ def build_eval_loader(data_cfg: Any, model_cfg: Wav2Vec2Config, dp_rank: int, dp
     keep, _ = corpus.long_enough(min_utterance_samples(data_cfg, masking, tp_size))
     sampler = DynamicBatchSampler(corpus.lengths, data_cfg.max_tokens, max_samples, seed,
                                   groups=np.where(keep, 0, -1).astype(np.int16),
-                                  stride=masking.stride, receptive_field=masking.receptive_field)
+                                  geometry=masking.geometry)
     builder = MicroBatchBuilder(corpus, build_augmenter(data_cfg, train=False), masking, tp_size, max_samples, seed)
     return EvalLoader(builder, sampler.epoch_batches(0), dp_rank, dp_size, data_cfg.num_workers, pin_memory)

@@ -111,9 +111,9 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from megatron_speech.common.audio import SAMPLE_RATE
 from megatron_speech.data.index import iter_jsonl
 from megatron_speech.data.segment import cut_offsets
-from megatron_speech.models.wav2vec2.config import SAMPLE_RATE
 
 FORMAT_VERSION = 2
 """Bump when the bytes written for the same inputs change: a journal of another version is not resumed.

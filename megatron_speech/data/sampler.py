@@ -31,13 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from megatron_speech.data.crop import crop_num_frames, crop_num_samples
-from megatron_speech.models.wav2vec2.config import SAMPLE_RATE
-from megatron_speech.models.wav2vec2.masker import counter_rng
+from megatron_speech.common.audio import SAMPLE_RATE, ConvGeometry
+from megatron_speech.common.rng import EPOCH_STREAM, counter_rng
+from megatron_speech.data.crop import crop_num_frames
 
 logger = logging.getLogger(__name__)
-
-_EPOCH_STREAM = 0x45504F43  # "EPOC": counter_rng stream of the per-epoch shuffles (masks use 0, 1, 2...)
 
 
 def mixing_weights(hours: Mapping[str, float], alpha: float,
@@ -134,7 +132,7 @@ class DynamicBatchSampler:
     per utterance [N] (0..len(group_names)-1; -1 = not sampled, e.g. too short); group_weights: explicit sampling
     weight per group (data.weights), None = temperature alpha over hours; max_tokens: budget in samples per
     micro-batch; max_samples: longest crop, in samples; shuffle=False keeps ties and batches in length order;
-    stride / receptive_field: the conv encoder's, in samples (the crop rule).
+    geometry: the conv encoder's (the crop rule).
     Micro-batches hold indices into `lengths` (int32 below 2^31 utterances: half the memory per epoch).
     """
 
@@ -152,8 +150,8 @@ class DynamicBatchSampler:
         group_weights: Sequence[float] | None = None,
         alpha: float = 1.0,
         shuffle: bool = True,
-        stride: int = 320,
-        receptive_field: int = 400,
+        *,
+        geometry: ConvGeometry,
     ) -> None:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
@@ -165,7 +163,7 @@ class DynamicBatchSampler:
         self.max_tokens, self.max_samples, self.seed = int(max_tokens), int(max_samples), int(seed)
         self.dp_rank, self.dp_size, self.num_micro_batches = dp_rank, dp_size, num_micro_batches
         self.shuffle = shuffle
-        self.stride, self.receptive_field = int(stride), int(receptive_field)
+        self.geometry = geometry
         self.group_names = list(group_names)
         self._index_dtype = np.int32 if len(self.lengths) < 2**31 else np.int64
 
@@ -190,9 +188,8 @@ class DynamicBatchSampler:
         if self.num_utterances:
             shortest = min(int(self.lengths[m].min()) for m in self._members if len(m))
             longest = max(int(self.lengths[m].max()) for m in self._members if len(m))
-            crop_num_frames(shortest, self.max_samples, 1, 1, stride, receptive_field)  # raises if too short
-            most = crop_num_samples(crop_num_frames(longest, self.max_samples, 1, 1, stride, receptive_field),
-                                    stride, receptive_field)
+            crop_num_frames(shortest, self.max_samples, 1, 1, geometry)  # raises if too short
+            most = geometry.num_samples(crop_num_frames(longest, self.max_samples, 1, 1, geometry))
             if most > self.max_tokens:
                 raise ValueError(f"data.max_tokens={self.max_tokens} is smaller than one cropped utterance "
                                  f"({most} samples): raise it or lower data.max_sample_seconds")
@@ -215,13 +212,14 @@ class DynamicBatchSampler:
     def cropped(self, indices: np.ndarray) -> np.ndarray:
         """The crop rule at tp = 1 of each utterance as a batch's shortest, in samples (vectorized)."""
         limited = np.minimum(self.lengths[indices], self.max_samples)  # < 2^31: int32 arithmetic is exact
-        return self.stride * ((limited - self.receptive_field) // self.stride) + self.receptive_field
+        stride, field = self.geometry.stride, self.geometry.receptive_field
+        return stride * ((limited - field) // stride) + field
 
     # --- epochs
 
     def epoch_items(self, epoch: int) -> np.ndarray:
         """Utterance indices of one epoch after mixing (unordered; an upsampled group repeats utterances)."""
-        rng = counter_rng(self.seed, epoch, 0, 0, stream=_EPOCH_STREAM)
+        rng = counter_rng(self.seed, epoch, 0, 0, stream=EPOCH_STREAM)
         parts = []
         for name, members in zip(self.group_names, self._members, strict=True):
             want = self.per_epoch[name]
@@ -237,7 +235,7 @@ class DynamicBatchSampler:
         if cached is not None:
             return cached
         items = self.epoch_items(epoch)
-        rng = counter_rng(self.seed, epoch, 1, 0, stream=_EPOCH_STREAM)
+        rng = counter_rng(self.seed, epoch, 1, 0, stream=EPOCH_STREAM)
         ties = rng.random(len(items)) if self.shuffle else np.arange(len(items))
         # Longest first (the crop-limited length descending), ties random.
         key = (self.max_samples - np.minimum(self.lengths[items], self.max_samples)).astype(np.int32)

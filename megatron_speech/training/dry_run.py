@@ -23,9 +23,10 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from megatron_speech.common.audio import SAMPLE_RATE
 from megatron_speech.config import Config, format_help, load_config, parse_cli
 from megatron_speech.data.crop import crop_num_frames
-from megatron_speech.models.wav2vec2.config import SAMPLE_RATE, Wav2Vec2Config
+from megatron_speech.models.wav2vec2.config import Wav2Vec2Config
 from megatron_speech.models.wav2vec2.flops import (
     ForwardFlops,
     conv_output_lengths,
@@ -297,12 +298,12 @@ def make_plan(cfg: Config, world_size: int, world_size_source: str = "--world-si
     max_samples = round(d.max_sample_seconds * SAMPLE_RATE)
     min_frames = m.mask_min_masks * m.mask_length_frames + 1
     try:
-        max_frames = crop_num_frames(max_samples, max_samples, tp, min_frames, m.total_stride, m.receptive_field)
+        max_frames = crop_num_frames(max_samples, max_samples, tp, min_frames, m.geometry)
     except ValueError as err:
         problems.append(str(err))
         max_frames = tp
     max_batch = max(1, d.max_tokens // m.num_samples(max_frames))
-    min_crop = crop_num_frames(max_samples, max_samples, tp, 1, m.total_stride, m.receptive_field)
+    min_crop = crop_num_frames(max_samples, max_samples, tp, 1, m.geometry)
     shortest = max(tp, m.num_frames(round(d.min_sample_seconds * SAMPLE_RATE)) // tp * tp)
     worst_frames, worst_batch, worst = max_frames, max_batch, _act(cfg, tp, max_batch, max_frames)
     step = max(tp, (max_frames - shortest) // 200 // tp * tp)  # ~200 shapes: the estimate is smooth in F

@@ -14,10 +14,12 @@ srun exit 134, to the bounded requeue of EXIT_PEER_FAILED: launch/common.sh):"""
 
 from __future__ import annotations
 
-import contextlib
 import signal
-from collections.abc import Iterator
-from multiprocessing import resource_tracker
+
+# Re-exported: the helper-process side lives in a neutral module that data/ may import too.
+from megatron_speech.common.stop_signals import STOP_SIGNALS as STOP_SIGNALS
+from megatron_speech.common.stop_signals import ignore_stop_signals as ignore_stop_signals
+from megatron_speech.common.stop_signals import stop_signals_blocked as stop_signals_blocked
 
 EXIT_DONE = 0
 """max_steps reached, or early-stopped: do not requeue."""
@@ -31,34 +33,6 @@ the last checkpoint; a restart resumes from it (requeue when the cause was a nod
 EXIT_SAVE_FAILED = 5
 """A checkpoint save failed (disk full, unwritable; train.on_save_error=stop, or the save at a signal or at the
 end). `latest` still names the previous complete checkpoint. Free space, then restart."""
-
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-"""Slurm's warning signal (--signal=USR1@N) and preemption / scancel / time limit."""
-
-
-@contextlib.contextmanager
-def stop_signals_blocked() -> Iterator[None]:
-    """Block SIGUSR1/SIGTERM in the calling thread for the duration: processes started inside (spawned or forked,
-    even across exec) inherit the block and survive the signals Slurm sends to every process of the step. In this
-    process a signal that arrives meanwhile stays pending and reaches its handler when the block is lifted (other
-    threads may take it earlier; StopSignal's handler only sets a flag)."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        # The first spawn starts multiprocessing's resource tracker, which then *unblocks* SIGTERM (SIG_UNBLOCK, not
-        # a restore): start it here, under the block (so it too outlives USR1), and block again.
-        resource_tracker.ensure_running()
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def ignore_stop_signals(*_) -> None:
-    """For helper processes (a DataLoader worker_init_fn): ignore SIGUSR1/SIGTERM; the training process decides
-    when to stop and then ends its helpers itself."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-
 
 class StopSignal:
     """Handlers for SIGUSR1 and SIGTERM that only set this rank's flag (`requested_here`). The ranks agree on it in

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megatron_speech.common.audio import SAMPLE_RATE as SAMPLE_RATE  # re-exported for finetune.py (moves later)
+from megatron_speech.common.audio import ConvGeometry
+
 # fairseq's conv feature encoder: (channels, kernel, stride) per block; total stride 320 samples, receptive
 # field 400 samples (25 ms at 16 kHz), one frame every 20 ms.
 DEFAULT_CONV_LAYERS: list[tuple[int, int, int]] = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
 
-SAMPLE_RATE = 16_000
 FRAME_MS = 20
 
 
@@ -101,31 +103,28 @@ class Wav2Vec2Config:
         return self.conv_layers[-1][0]
 
     @property
+    def geometry(self) -> ConvGeometry:
+        """Sample <-> frame arithmetic of the conv feature encoder: what the data path, the FLOP model and the
+        encoder are given (common/audio.py)."""
+        return ConvGeometry.of_layers(self.conv_layers)
+
+    @property
     def total_stride(self) -> int:
-        s = 1
-        for _, _, stride in self.conv_layers:
-            s *= stride
-        return s
+        """Samples between frames (320 for the default stack)."""
+        return self.geometry.stride
 
     @property
     def receptive_field(self) -> int:
         """Samples seen by one output frame of the conv encoder (400 for the default stack)."""
-        rf, jump = 1, 1
-        for _, kernel, stride in self.conv_layers:
-            rf += (kernel - 1) * jump
-            jump *= stride
-        return rf
+        return self.geometry.receptive_field
 
     def num_frames(self, num_samples: int) -> int:
         """Frames the conv encoder produces from num_samples samples."""
-        n = num_samples
-        for _, kernel, stride in self.conv_layers:
-            n = (n - kernel) // stride + 1
-        return n
+        return self.geometry.num_frames(num_samples)
 
     def num_samples(self, num_frames: int) -> int:
         """Smallest sample count that yields exactly num_frames frames: stride * (F - 1) + receptive field."""
-        return self.total_stride * (num_frames - 1) + self.receptive_field
+        return self.geometry.num_samples(num_frames)
 
     def validate(self) -> None:
         """Raise ValueError naming the field for anything outside the supported family."""

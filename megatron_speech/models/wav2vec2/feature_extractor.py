@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_speech.common.audio import ConvGeometry
+
 from .layer_spec import fp32_layer_norm
 
 
@@ -105,21 +107,16 @@ class ConvFeatureExtractor(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.grad_mult = grad_mult
         self.recompute = recompute
-        self.stride = 1
-        self.receptive_field = 1
-        for _, kernel, stride in layers:
-            self.receptive_field += (kernel - 1) * self.stride
-            self.stride *= stride
+        self.geometry = ConvGeometry.of_layers(layers)
+        self.stride, self.receptive_field = self.geometry.stride, self.geometry.receptive_field
 
     def num_frames(self, num_samples: int) -> int:
         """Frames produced from num_samples samples (block by block, as transformers computes it)."""
-        for block in self.blocks:
-            num_samples = (num_samples - block.conv.kernel_size[0]) // block.conv.stride[0] + 1
-        return num_samples
+        return self.geometry.num_frames(num_samples)
 
     def sample_range(self, frame_start: int, frame_end: int) -> tuple[int, int]:
         """Samples [start, end) that produce exactly frames [frame_start, frame_end)."""
-        return self.stride * frame_start, self.stride * (frame_end - 1) + self.receptive_field
+        return self.geometry.sample_range(frame_start, frame_end)
 
     def forward(self, waveform: torch.Tensor, frame_start: int = 0, frame_end: int | None = None) -> torch.Tensor:
         """Features [B, C, F] of frames [frame_start, frame_end) of `waveform` [B, T] (the whole utterance by

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from .config import SAMPLE_RATE, Wav2Vec2Config
+from megatron_speech.common.audio import SAMPLE_RATE
+
+from .config import Wav2Vec2Config
 
 
 @dataclass(frozen=True)
@@ -69,11 +71,7 @@ def expected_masked_frames(cfg: Wav2Vec2Config, num_frames: int) -> float:
 
 def conv_output_lengths(cfg: Wav2Vec2Config, num_samples: int) -> list[int]:
     """Output length of every conv block for an input of num_samples samples."""
-    lengths, n = [], num_samples
-    for _, kernel, stride in cfg.conv_layers:
-        n = (n - kernel) // stride + 1
-        lengths.append(n)
-    return lengths
+    return cfg.geometry.block_lengths(num_samples)
 
 
 def forward_flops(cfg: Wav2Vec2Config, batch_size: int, num_frames: int,

@@ -1,20 +1,14 @@
 """Span masking (time and channel) and distractor sampling, with fairseq's semantics.
 
-Everything here is drawn on the host from a counter-based generator keyed by (seed, step, micro_step, dp_rank):
-identical on every TP rank of a DP group without communication, different across DP ranks, and with nothing
-to save for an exact resume (DESIGN §3, Randomness). Masks are decided on the full utterance; TP ranks slice.
+Everything here is drawn on the host from the generator the caller passes, a counter-based one keyed by (seed,
+step, micro_step, dp_rank, stream) (common/rng.py): identical on every TP rank of a DP group without communication,
+different across DP ranks, and with nothing to save for an exact resume (DESIGN §3, Randomness). Masks are decided
+on the full utterance; TP ranks slice.
 """
 
 from __future__ import annotations
 
 import numpy as np
-
-
-def counter_rng(seed: int, step: int, micro_step: int, dp_rank: int, stream: int = 0) -> np.random.Generator:
-    """A Philox generator whose whole state is its key: (seed, step, micro_step, dp_rank, stream)."""
-    key = np.array([seed & 0xFFFFFFFF, step & 0xFFFFFFFF,
-                    ((micro_step & 0xFFFF) << 16) | (dp_rank & 0xFFFF), stream & 0xFFFFFFFF], dtype=np.uint32)
-    return np.random.Generator(np.random.Philox(key=key.view(np.uint64)))
 
 
 def compute_span_mask(
