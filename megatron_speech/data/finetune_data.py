@@ -63,7 +63,7 @@ class DecodedFiles:
     preprocessing does (mono, 16 kHz, int16), in memory: the same interface as AudioShards (lengths, read, id,
     labels). Files that fail to decode are listed in `rejects` (id, reason), never silently dropped."""
 
-    def __init__(self, manifest: str, min_samples: int = 400) -> None:
+    def __init__(self, manifest: str, min_samples: int) -> None:
         from megatron_speech.data.preprocess import Kept, decode_file, list_inputs
 
         _, items = list_inputs(manifest)
@@ -101,9 +101,10 @@ class DecodedFiles:
         return self._labels[i]
 
 
-def open_manifest(path: str, min_samples: int = 400):
+def open_manifest(path: str, min_samples: int):
     """A test manifest for `evaluate`: preprocessed shards (`PREFIX_{train,valid}.manifest.jsonl`, rows with
-    "shard") as AudioShards, anything else (JSONL of {"path", labels...}, TSV, folder) as DecodedFiles."""
+    "shard") as AudioShards, anything else (JSONL of {"path", labels...}, TSV, folder) as DecodedFiles.
+    min_samples: the shortest audio kept (min_samples_for: at least one frame)."""
     import json
 
     for split in ("train", "valid"):
