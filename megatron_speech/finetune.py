@@ -117,6 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     return run_training(cfg, train)
 
 
+def run_labels(cfg: Config, train_split, resume_from: int | None) -> list[str]:
+    """The labels of this run: those of the run being resumed, else finetune.labels, else the training data's."""
+    ft = cfg.finetune
+    if resume_from is not None:
+        stored = checkpoint_config(checkpoint_dir(cfg.train.save_dir, resume_from)).finetune.labels
+        if ft.labels and ft.labels != stored:
+            raise ValueError(f"finetune.labels differ from those of the run in {cfg.train.save_dir} being resumed: "
+                             "drop the override, or train into another train.save_dir")
+        return list(stored)
+    return list(ft.labels) if ft.labels else collect_labels(ft.task, train_split.labels)
+
+
 def train(cfg: Config, progress: dict[str, int], stop: StopSignal) -> int:
     """Fine-tuning on this rank (process groups formed); returns the exit code."""
     t, p, ft, d = cfg.train, cfg.parallel, cfg.finetune, cfg.data
@@ -129,14 +141,8 @@ def train(cfg: Config, progress: dict[str, int], stop: StopSignal) -> int:
     max_samples = round(d.max_sample_seconds * SAMPLE_RATE)
     train_split = labeled_split(d.prefix, "train", label_key, min_samples, max_samples)
     resume_from = resume_step(t.save_dir) if t.resume else None  # falls back past a damaged checkpoint
-    if resume_from is not None:
-        stored = checkpoint_config(checkpoint_dir(t.save_dir, resume_from)).finetune.labels
-        if ft.labels and ft.labels != stored:
-            raise ValueError(f"finetune.labels differ from those of the run in {t.save_dir} being resumed: drop the "
-                             "override, or train into another train.save_dir")
-        ft.labels = list(stored)
-    if not ft.labels:
-        ft.labels = collect_labels(ft.task, train_split.labels)
+    # The run's labels become part of its config: every checkpoint stores them for evaluate and the export.
+    ft.labels = run_labels(cfg, train_split, resume_from)
     task = Task.from_config(ft)
     valid = None
     if t.eval_interval > 0:
