@@ -15,6 +15,7 @@ import logging
 import sys
 import warnings
 from itertools import islice
+from typing import Any
 
 # Every CPU run would print these at import: no TE/apex is the expected CPU configuration.
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed.*")
@@ -23,32 +24,57 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_speech.checkpoint.checkpointing import checkpoint_dir, load_checkpoint, resume_step, save_checkpoint
+from megatron_speech.checkpoint.checkpointing import resume_step
 from megatron_speech.checkpoint.model_io import load_model_weights
-from megatron_speech.config import config_to_dict, format_help, load_config, parse_cli
+from megatron_speech.config import format_help, load_config, parse_cli
 from megatron_speech.data.loader import build_eval_loader, build_pretrain_loader
 from megatron_speech.models.wav2vec2.factory import build_pretraining_model, gumbel_temperature, transformer_config
 from megatron_speech.training import dry_run
-from megatron_speech.training.driver import SavePolicy, run_training
+from megatron_speech.training.driver import run_training
 from megatron_speech.training.ema import EMA
+from megatron_speech.training.loop import Loop, TrainUnit, restore
 from megatron_speech.training.monitor import Monitor
 from megatron_speech.training.optim import build_optimizer, build_scheduler
-from megatron_speech.training.parallelize import sync_params, wrap_for_training
-from megatron_speech.training.signals import EXIT_DIVERGED, EXIT_DONE, StopSignal
+from megatron_speech.training.parallelize import wrap_for_training
+from megatron_speech.training.signals import StopSignal
 from megatron_speech.training.step import evaluate_batches, train_step
 
 logger = logging.getLogger("megatron_speech")
 
 
-def evaluate(model, eval_loader, num_batches: int) -> dict[str, float]:
-    """Loss, contrastive accuracy and code perplexity on the valid split (same batches every time)."""
-    batches = list(islice(iter(eval_loader), min(num_batches, eval_loader.num_batches)))
-    sync_params(model)
-    model.eval()
-    with torch.no_grad():
-        metrics = evaluate_batches(model, batches)
-    model.train()
-    return metrics
+class PretrainUnit(TrainUnit):
+    """The contrastive objective in the shared loop: the Gumbel temperature before each step, the masked
+    objective's metrics, evaluation on the valid split (the same batches every time)."""
+
+    def __init__(self, cfg, model, ddp, optimizer, scheduler, eval_loader):
+        self.cfg, self.model, self.ddp, self.optimizer, self.scheduler = cfg, model, ddp, optimizer, scheduler
+        self.eval_loader, self.has_evaluation = eval_loader, eval_loader is not None
+        self.temperature = gumbel_temperature(cfg.model, 0)
+
+    def before_step(self, step: int) -> None:
+        self.temperature = self.model.quantizer.temperature = gumbel_temperature(self.cfg.model, step)
+
+    def train_step(self, batches, stop: bool) -> dict[str, Any]:
+        return train_step(self.ddp, self.optimizer, batches, stop=stop)
+
+    def train_values(self, out: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        values = {k: out[k] for k in ("contrastive", "accuracy", "code_perplexity", "diversity", "mask_fraction")}
+        return {**values, "gumbel_temperature": self.temperature}, \
+            f"loss {out['loss']:.4f} | acc {out['accuracy']:.3f} | ppl {out['code_perplexity']:6.1f}"
+
+    def evaluate(self) -> dict[str, float]:
+        """Loss, contrastive accuracy and code perplexity on the valid split."""
+        loader = self.eval_loader
+        batches = list(islice(iter(loader), min(self.cfg.train.eval_iters, loader.num_batches)))
+        self.ddp.eval()
+        with torch.no_grad():
+            metrics = evaluate_batches(self.ddp, batches)
+        self.ddp.train()
+        return metrics
+
+    def eval_values(self, step: int, metrics: dict[str, float]):
+        return {}, (f"loss {metrics['loss']:.4f} | acc {metrics['accuracy']:.3f} | "
+                    f"ppl {metrics['code_perplexity']:.1f}"), metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,9 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(cfg, progress: dict[str, int], stop: StopSignal) -> int:
-    """The training loop on this rank (process groups formed); returns the exit code. Keeps progress["step"]."""
+    """Pre-training on this rank (process groups formed); returns the exit code."""
     t, p = cfg.train, cfg.parallel
-    rank = dist.get_rank()
     tp, dp = p.tensor_model_parallel_size, parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
 
@@ -80,67 +105,16 @@ def train(cfg, progress: dict[str, int], stop: StopSignal) -> int:
     ddp = wrap_for_training(model, p.use_distributed_optimizer, p.overlap_grad_reduce,
                             overlap_param_gather=p.overlap_param_gather)
     optimizer = build_optimizer(ddp, cfg.optim, t, p)
-    scheduler = build_scheduler(optimizer, cfg.optim)
+    eval_loader = build_eval_loader(cfg.data, cfg.model, dp_rank, dp, tp, t.seed) if t.eval_interval > 0 else None
+    unit = PretrainUnit(cfg, model, ddp, optimizer, build_scheduler(optimizer, cfg.optim), eval_loader)
     ema = EMA(model, t.ema_decay)
-    monitor = Monitor(cfg, rank, cfg.model.num_codevector_groups * cfg.model.num_codevectors_per_group)
+    monitor = Monitor(cfg, dist.get_rank(), cfg.model.num_codevector_groups * cfg.model.num_codevectors_per_group)
     logger.info("world %d = TP %d x DP %d; %s parameters on this rank", dist.get_world_size(), tp, dp,
                 f"{sum(q.numel() for q in model.parameters()):,}")
-
-    step, loader_state = 0, None
-    if resume_from is not None:
-        state = load_checkpoint(checkpoint_dir(t.save_dir, resume_from), ddp, optimizer, scheduler, ema)
-        step, loader_state = state["step"], state["loader"]
-        monitor.load_state_dict(state["monitor"])
-        logger.info("resumed from %s", checkpoint_dir(t.save_dir, resume_from))
+    step, loader_state = restore(t, resume_from, unit, ema, monitor)
     loader = build_pretrain_loader(cfg.data, cfg.model, dp_rank, dp, t.num_micro_batches, tp, t.seed, loader_state,
                                    pin_memory=torch.cuda.is_available())  # to_device then copies asynchronously
-    eval_loader = build_eval_loader(cfg.data, cfg.model, dp_rank, dp, tp, t.seed) if t.eval_interval > 0 else None
-    def save(at: int, reshardable: bool) -> None:
-        sync_params(ddp)
-        save_checkpoint(t.save_dir, at, ddp, optimizer, scheduler, ema,
-                        {"loader": loader.state_dict(), "monitor": monitor.state_dict(), "config": config_to_dict(cfg)},
-                        keep_last=t.keep_last, reshardable=reshardable)
-
-    saves = SavePolicy(t, monitor, save, stop)
-
-    exit_code, reason = EXIT_DONE, f"reached train.max_steps={t.max_steps}"
-    while step < t.max_steps:
-        temperature = gumbel_temperature(cfg.model, step)
-        model.quantizer.temperature = temperature
-        out = train_step(ddp, optimizer, next(loader), stop=stop.requested_here)
-        step = progress["step"] = step + 1
-        if out["updated"]:
-            scheduler.step(increment=1)
-            if ema.enabled:
-                sync_params(ddp)
-                ema.update()
-        loss_scale = float(optimizer.get_loss_scale())
-        monitor.train_step(step, out, optimizer.param_groups[0]["lr"], loss_scale, temperature)
-        why = monitor.check_step(out, loss_scale, step)
-        if why:  # keep the last good checkpoint as `latest`: nothing worth saving now
-            exit_code, reason = EXIT_DIVERGED, why
-            break
-        if eval_loader is not None and step % t.eval_interval == 0:
-            metrics = evaluate(ddp, eval_loader, t.eval_iters)
-            monitor.write(step, "valid", metrics)
-            if ema.enabled:
-                backup = ema.copy_to()
-                monitor.write(step, "valid_ema", evaluate(ddp, eval_loader, t.eval_iters))
-                ema.restore(backup)
-            logger.info("step %7d | valid loss %.4f | acc %.3f | ppl %.1f", step, metrics["loss"],
-                        metrics["accuracy"], metrics["code_perplexity"])
-            why = monitor.check_eval(step, metrics)
-            if why:
-                exit_code, reason = saves.early_stop(step, why)
-                break
-        ending = saves.after_step(step, out["stop"])
-        if ending:
-            exit_code, reason = ending
-            break
-    exit_code, reason = saves.finish(step, exit_code, reason)
-    logger.info("stopping at step %d: %s (exit %d)", step, reason, exit_code)
-    monitor.close()
-    return exit_code
+    return Loop(cfg, unit, loader, ema, monitor, stop, progress).run(step)
 
 
 if __name__ == "__main__":  # the guard dist_checkpointing's writer processes need (DESIGN §4)

@@ -280,10 +280,11 @@ def _optimized_param_ids(optimizer) -> set[int]:
 def _rank_freeze(rank, world, prefix, distributed):
     """Three frozen steps, the rebuild, two more; snapshots and gradient checks along the way."""
     from megatron_speech.data.finetune_data import build_finetune_loader, labeled_split
-    from megatron_speech.finetune import build_model, build_trainer, load_finetune_config, retire
+    from megatron_speech.finetune import load_finetune_config
     from megatron_speech.parallel.initialize import initialize_parallel
     from megatron_speech.tasks.task import Task, collect_labels
     from megatron_speech.training.finetune_step import run_micro_batches, task_loss, train_step
+    from megatron_speech.training.finetune_unit import build_model, build_trainer, retire
 
     cfg = load_finetune_config(str(ROOT / "configs/finetune/phoneme.yaml"), [
         "pretrained=none", f"data.prefix={prefix}", "data.max_tokens=64000", "data.max_sample_seconds=4",

@@ -64,10 +64,11 @@ def _pretrain_pair(rank: int, world: int, *overrides: str) -> dict:
 
 def _finetune_pair(rank: int, world: int, prefix: str, task_name: str, label_key: str, *overrides: str) -> dict:
     from megatron_speech.data.finetune_data import build_finetune_loader, labeled_split
-    from megatron_speech.finetune import build_model, build_trainer, load_finetune_config
+    from megatron_speech.finetune import load_finetune_config
     from megatron_speech.parallel.initialize import initialize_parallel
     from megatron_speech.tasks.task import Task, collect_labels
     from megatron_speech.training.finetune_step import train_step
+    from megatron_speech.training.finetune_unit import build_model, build_trainer
 
     results, weights, batch = {}, None, None
     for precision in ("fp32", "fp16"):

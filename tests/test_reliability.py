@@ -331,7 +331,7 @@ _SAVE_UNDER_SIGNALS = """
 import os, signal, sys, time
 from types import SimpleNamespace
 from megatron.core.dist_checkpointing.strategies import filesystem_async
-from megatron_speech.training.driver import SavePolicy
+from megatron_speech.training.loop import SavePolicy
 
 def write(step, reshardable):
     # What megatron's writer does at a process's first save: spawn its results-queue Manager process.

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger("megatron_speech")
+SAMPLE_RATE = 16_000  # samples per second of every waveform the loop sees
 
 
 class Monitor:
@@ -62,25 +63,24 @@ class Monitor:
         self._wandb_call("log", {f"{split}/{k}": v for k, v in record.items() if k not in ("step", "split")},
                          step=step)
 
-    def train_step(self, step: int, out: dict[str, Any], lr: float, loss_scale: float, temperature: float) -> None:
+    def train_step(self, step: int, out: dict[str, Any], lr: float, loss_scale: float, values: dict[str, Any],
+                   shown: str) -> None:
+        """Every train.log_interval steps: a metrics line (the loop's fields, then the unit's `values`) and the
+        console line (`shown` is the unit's part). Throughput counts the audio of every step since the last line."""
         self._samples += out["num_samples"]
         if step % self.cfg.train.log_interval:
             return
         now = time.perf_counter()
-        rate = self._samples / 16_000 / max(now - self._last_time, 1e-9)
+        rate = self._samples / SAMPLE_RATE / max(now - self._last_time, 1e-9)
         self._last_time, self._samples = now, 0.0
         grad_norm = float(out["grad_norm"]) if out["grad_norm"] is not None else float("nan")
-        values = {"loss": out["loss"], "contrastive": out["contrastive"], "accuracy": out["accuracy"],
-                  "code_perplexity": out["code_perplexity"], "diversity": out["diversity"],
-                  "mask_fraction": out["mask_fraction"], "lr": lr, "grad_norm": grad_norm, "loss_scale": loss_scale,
-                  "gumbel_temperature": temperature, "audio_seconds_per_second": rate,
-                  "skipped": not out["updated"], "nonfinite": out.get("nonfinite"),
-                  "nonfinite_steps": self.nonfinite_steps + (not out["finite"])}  # check_step counts it next
-        self.write(step, "train", values)
+        self.write(step, "train", {"loss": out["loss"], **values, "lr": lr, "grad_norm": grad_norm,
+                                   "loss_scale": loss_scale, "audio_seconds_per_second": rate,
+                                   "skipped": not out["updated"], "nonfinite": out.get("nonfinite"),
+                                   "nonfinite_steps": self.nonfinite_steps + (not out["finite"])})  # counted next
         if self.rank == 0:
-            logger.info("step %7d | loss %.4f | acc %.3f | ppl %6.1f | lr %.3e | gnorm %.3f | scale %g | "
-                        "%.0f audio-s/s", step, out["loss"], out["accuracy"], out["code_perplexity"], lr, grad_norm,
-                        loss_scale, rate)
+            logger.info("step %7d | %s | lr %.3e | gnorm %.3f | scale %g | %.0f audio-s/s", step, shown, lr,
+                        grad_norm, loss_scale, rate)
 
     # ---- decisions (same inputs on every rank -> same answers) ---------------------------------------------
 
