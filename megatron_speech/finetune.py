@@ -36,6 +36,7 @@ from megatron.core import parallel_state
 
 from megatron_speech.checkpoint.checkpointing import checkpoint_dir, resume_step
 from megatron_speech.checkpoint.model_io import checkpoint_config, load_model_weights
+from megatron_speech.common.audio import SAMPLE_RATE
 from megatron_speech.config import Config, FinetuneConfig, format_help, load_config, parse_cli
 from megatron_speech.data.dataset import manifest_path
 from megatron_speech.data.finetune_data import (
@@ -44,7 +45,6 @@ from megatron_speech.data.finetune_data import (
     labeled_split,
     min_samples_for,
 )
-from megatron_speech.models.wav2vec2.config import SAMPLE_RATE
 from megatron_speech.tasks.task import Task, collect_labels
 from megatron_speech.training.driver import run_training
 from megatron_speech.training.ema import EMA

@@ -14,8 +14,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from megatron_speech.common.audio import SAMPLE_RATE
+
 logger = logging.getLogger("megatron_speech")
-SAMPLE_RATE = 16_000  # samples per second of every waveform the loop sees
 
 
 class Monitor:

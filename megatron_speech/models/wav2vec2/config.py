@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from megatron_speech.common.audio import SAMPLE_RATE as SAMPLE_RATE  # re-exported for finetune.py (moves later)
 from megatron_speech.common.audio import ConvGeometry
 
 # fairseq's conv feature encoder: (channels, kernel, stride) per block; total stride 320 samples, receptive
