@@ -12,8 +12,9 @@ import pytest
 import torch
 from megatron.core.transformer.enums import AttnMaskType
 
+from megatron_speech.compat.megatron_core import attention_mask_type
 from megatron_speech.models.wav2vec2 import layer_spec
-from megatron_speech.models.wav2vec2.layer_spec import SDPAttention, attention_mask_type
+from megatron_speech.models.wav2vec2.layer_spec import SDPAttention
 from tests.fixtures import synthetic_batch, tiny_config
 
 

@@ -128,7 +128,7 @@ def _tp_rank_main(rank: int, world_size: int) -> dict:
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.tensor_parallel import random as mrandom
 
-    from megatron_speech.parallel import cpu_compat
+    from megatron_speech.compat import cpu as cpu_compat
     from megatron_speech.parallel.initialize import destroy_parallel, initialize_parallel
 
     out: dict = {}

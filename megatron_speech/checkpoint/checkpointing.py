@@ -39,7 +39,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -65,11 +65,17 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_speech.checkpoint import integrity
 from megatron_speech.checkpoint.integrity import CheckpointIntegrityError
-from megatron_speech.training.optim import unshare_adam_steps
+from megatron_speech.compat.megatron_core import (
+    DP_RESHARDABLE,
+    BucketLayoutError,
+    load_optimizer_state,
+    materialize_optimizer_state,
+    zero_bucket_padding,
+)
 
 logger = logging.getLogger("megatron_speech")
 
-ROUTINE_SHARDING = "dp_reshardable"
+ROUTINE_SHARDING = DP_RESHARDABLE
 """Distributed-optimizer state of a routine save: every DP rank writes the shard it holds (no communication);
 reloads at any DP size, at the same TP size."""
 RESHARDABLE_SHARDING = "fully_reshardable"
@@ -77,6 +83,17 @@ RESHARDABLE_SHARDING = "fully_reshardable"
 SHARDING_KEY = "distrib_optim_sharding_type"
 EXTRA_STATE = "_extra_state"
 LATEST = "latest"
+
+
+class Averages(Protocol):
+    """What a checkpoint needs of the weights' moving average (training/ema.py's EMA is one)."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    def by_param(self) -> dict[int, torch.Tensor]:
+        """id(parameter) -> its average (fp32, the parameter's shape)."""
+        ...
 
 
 class SaveError(RuntimeError):
@@ -118,7 +135,7 @@ def _optimizer_format(optimizer) -> str | None:
     return "distributed" if any(isinstance(o, DistributedOptimizer) for o in inner) else "plain"
 
 
-def _ema_entries(model_sd: dict, ema) -> dict[str, ShardedTensor]:
+def _ema_entries(model_sd: dict, ema: Averages) -> dict[str, ShardedTensor]:
     # The EMA mirrors the model's sharded tensors (same sharding, keys prefixed), so it reshards like them.
     by_param = ema.by_param()
     out = {}
@@ -137,14 +154,15 @@ def _rng_entry() -> ShardedObject:
     return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
 
 
-def _state(model, optimizer, ema, *, is_loading: bool, with_rng: bool, sharding: str) -> dict[str, Any]:
+def _state(model, optimizer, ema: Averages | None, *, is_loading: bool, with_rng: bool,
+           sharding: str) -> dict[str, Any]:
     model_sd = _unwrap(model).sharded_state_dict()
     state: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                                           metadata={SHARDING_KEY: sharding})
         if not is_loading:
-            _zero_padding(state["optimizer"])
+            zero_bucket_padding(state["optimizer"])
     if ema is not None and ema.enabled:
         state["ema"] = _ema_entries(model_sd, ema)
     if with_rng:
@@ -167,8 +185,8 @@ def _load_strategy(path: Path):
     return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(path)), _dp_group())
 
 
-def save_checkpoint(save_dir: str | Path, step: int, model, optimizer, scheduler, ema, trainer_state: dict,
-                    keep_last: int = 0, *, reshardable: bool = False) -> Path:
+def save_checkpoint(save_dir: str | Path, step: int, model, optimizer, scheduler, ema: Averages | None,
+                    trainer_state: dict, keep_last: int = 0, *, reshardable: bool = False) -> Path:
     """Collective: every rank calls it. optimizer / scheduler / ema may be None (a weights-only checkpoint).
     reshardable=True stores the distributed optimizer's state so that it reloads at another TP size too (costs
     an all-gather of the whole optimizer state onto every rank); routine saves leave it False (any DP size, the
@@ -314,7 +332,7 @@ def resume_step(save_dir: str | Path) -> int | None:
                                    + "\n  - ".join(refused))
 
 
-def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, ema=None) -> dict:
+def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, ema: Averages | None = None) -> dict:
     """Collective. Loads everything given (None = skip) at the current layout, resharding as needed. A full
     resume (optimizer given) also restores every rank's RNG states when the layout is the one that saved them.
     TE `_extra_state` entries the checkpoint lacks keep the module's own (see the module docstring); any other
@@ -342,7 +360,7 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, ema
                              "differently), or start a new run from its weights with train.init_checkpoint")
         sharding = _saved_sharding(path, common)
         _check_reshardable(path, common, sharding, optimizer)
-        _materialize_optimizer_state(optimizer)
+        materialize_optimizer_state(optimizer)
         template["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
                                                              metadata={SHARDING_KEY: sharding})
     if ema is not None and ema.enabled and any(k.startswith("ema.") for k in saved_keys):
@@ -356,17 +374,11 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, ema
     _unwrap(model).load_state_dict(merge(loaded["model"], fresh))
     if optimizer is not None:
         try:
-            # dp_reshardable's loader copies into the fp32 main params (views of leaves that require grad)
-            # outside no_grad; autograd refuses that, and nothing here is to be recorded anyway
-            with torch.no_grad():
-                optimizer.load_state_dict(_without_live_steps(loaded["optimizer"]))
-        except AssertionError as e:
-            if "unpadded elements" not in str(e):
-                raise
+            load_optimizer_state(optimizer, loaded["optimizer"])
+        except BucketLayoutError as e:
             raise ValueError(f"{path}: its optimizer state was saved {ROUTINE_SHARDING} with another DDP bucket "
                              f"layout ({e}); resume with the same parallel.overlap_grad_reduce and bucket size, or "
                              "start a new run from its weights with train.init_checkpoint") from None
-        unshare_adam_steps(optimizer)
     if scheduler is not None:
         if common.get("scheduler") is None:
             raise ValueError(f"{path} holds model weights only (no optimizer/scheduler): load it with "
@@ -380,42 +392,6 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, ema
     if restore_rng:
         _restore_rng(loaded["rng"])
     return common["trainer"]
-
-
-def _dp_reshardable_entries(state: dict):
-    """Each parameter's (or gap's) entry of a dp_reshardable optimizer state: {"param": .., "exp_avg": ..,
-    "padding": .., ...}, in megatron-core 0.16.1's layout param_state[gbuf][dtype][bucket] = [entry, ...]."""
-    chained = [state] if "param_state" in state else [v for v in state.values() if isinstance(v, dict)]
-    for opt_state in chained:  # one optimizer's state, or a ChainedOptimizer's {index: state}
-        param_state = opt_state.get("param_state")
-        if opt_state.get("param_state_sharding_type") != ROUTINE_SHARDING or not param_state:
-            continue
-        for key, per_dtype in param_state.items():
-            if isinstance(key, int):
-                for buckets in per_dtype.values():
-                    for bucket in buckets:
-                        yield from bucket
-
-
-def _zero_padding(state: dict) -> None:
-    # megatron fills the gaps between parameters in a bucket with torch.empty: whatever memory held. Nothing
-    # reads them back, but a checkpoint should be a function of the training state (equal runs, equal bytes).
-    for entry in _dp_reshardable_entries(state):
-        padding = entry.get("padding")
-        if getattr(padding, "obj", padding) is True:
-            for value in entry.values():
-                if isinstance(value, ShardedTensor) and value.data is not None:
-                    value.data.zero_()
-
-
-def _without_live_steps(state: dict) -> dict:
-    """megatron-core 0.16.1, dp_reshardable with torch's Adam (no TE/apex): the per-parameter "step" rides along
-    as a non-persistent object holding the *loading* optimizer's own counter, and its loader copies it over the
-    step megatron has just restored from the checkpoint's param groups: Adam's bias correction restarts. Drop
-    those entries so the restored step stays (a resumed step then equals the uninterrupted one)."""
-    for entry in _dp_reshardable_entries(state):
-        entry.pop("step", None)
-    return state
 
 
 def _saved_sharding(path: Path, common: dict) -> str:
@@ -462,17 +438,6 @@ def _drop_absent_extra_state(path: Path, template: dict, saved_keys: set[str]) -
                                             lambda v: not (isinstance(v, ShardedBase) and v.key in absent))
     dict_list_map_inplace(lambda v: v.data if isinstance(v, ShardedBase) else v, dropped)
     return dict(template, model=kept), dropped
-
-
-def _materialize_optimizer_state(optimizer) -> None:
-    # A fresh torch Adam (megatron's fallback without TE/apex) has no per-parameter state until its first step,
-    # and megatron's DistributedOptimizer cannot describe the state it is about to load without it. megatron's
-    # own remedy is a step on zero gradients (no change at the scheduler's initial lr), filled in-place by the
-    # load.
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if inner is not None and not inner.state and hasattr(opt, "_init_optimizer_states_with_dummy_values"):
-            opt._init_optimizer_states_with_dummy_values()
 
 
 def _restore_rng(state: dict) -> None:

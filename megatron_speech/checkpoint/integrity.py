@@ -40,6 +40,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_speech.compat.megatron_core import TORCH_DIST_METADATA_GLOBALS
+
 MANIFEST = "manifest.json"
 FORMAT = 1
 _CHUNK_BYTES = 8 << 20
@@ -220,7 +222,7 @@ _METADATA_GLOBALS = {
         "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData", "LoadPlan", "ReadItem",
         "LoadItemType"},
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo", "_StoragePrefix"},
-    "megatron.core.dist_checkpointing.strategies.torch": {"MCoreMetadata", "MCoreSavePlan"},
+    **TORCH_DIST_METADATA_GLOBALS,
     "torch.serialization": {"_get_layout"},
     "torch": {"Size"},
     "collections": {"OrderedDict"},

@@ -11,7 +11,6 @@ from megatron.core import dist_checkpointing, parallel_state
 
 from megatron_speech.checkpoint.checkpointing import LATEST, load_checkpoint, save_checkpoint
 from megatron_speech.config import Config, config_from_dict
-from megatron_speech.training.ema import EMA
 
 
 def resolve(path: str | Path) -> Path:
@@ -41,12 +40,27 @@ def load_model_weights(path: str | Path, model: torch.nn.Module, use_ema: bool =
     path = resolve(path)
     if not use_ema:
         return load_checkpoint(path, model)
-    ema = EMA(model, 0.5)  # the decay is irrelevant: only its storage is filled from the checkpoint
-    state = load_checkpoint(path, model, ema=ema)
+    averages = _StoredAverages(model)
+    state = load_checkpoint(path, model, ema=averages)
     if not _has_ema(path):
         raise ValueError(f"{path} has no EMA weights (train.ema_decay was 0): drop --ema")
-    ema.copy_to()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(averages.shadow[id(p)].to(p.dtype))
     return state
+
+
+class _StoredAverages:
+    """fp32 storage mirroring the parameters that load_checkpoint fills with a checkpoint's EMA (an Averages;
+    reading the averages needs none of training's EMA updates)."""
+
+    enabled = True
+
+    def __init__(self, model: torch.nn.Module):
+        self.shadow = {id(p): p.detach().float().clone() for p in model.parameters()}
+
+    def by_param(self) -> dict[int, torch.Tensor]:
+        return self.shadow
 
 
 def _has_ema(path: Path) -> bool:

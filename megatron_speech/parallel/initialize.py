@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from megatron_speech.parallel.cpu_compat import apply_cpu_compat
+from megatron_speech.compat.cpu import apply_cpu_compat
 
 
 def _env_int(key: str, default: int | None = None) -> int | None:

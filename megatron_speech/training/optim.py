@@ -7,46 +7,8 @@ import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_speech.compat.megatron_core import patch_torch_adam_state_restore
 from megatron_speech.config import OptimConfig, ParallelConfig, TrainConfig
-
-
-def _patch_torch_adam_state_restore() -> None:
-    """megatron-core 0.16.1 bug on the torch-Adam fallback (no TE / apex optimizer): loading a fully_reshardable
-    distributed-optimizer checkpoint copies every per-parameter state key, including torch Adam's "step",
-    which the checkpoint stores once in the param groups (restored just before), so it raises KeyError('step').
-    Hide "step" from that copy. Idempotent; not applied when a fused optimizer is present."""
-    from megatron.core.optimizer import distrib_optimizer as do
-
-    cls = do.DistributedOptimizer
-    if do.HAVE_APEX_OR_TE or getattr(cls, "_speech_step_patch", False):
-        return
-    original = cls._set_main_param_and_optimizer_states
-
-    def set_states(self, model_param, tensors):
-        group_index, group_order = self.model_param_group_index_map[model_param]
-        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-        state = self.optimizer.state.get(main_param, {})
-        step = state.pop("step", None) if "step" not in tensors else None
-        try:
-            original(self, model_param, tensors)
-        finally:
-            if step is not None:
-                state["step"] = step
-
-    cls._set_main_param_and_optimizer_states = set_states
-    cls._speech_step_patch = True
-
-
-def unshare_adam_steps(optimizer) -> None:
-    """megatron-core 0.16.1 bug on the torch-Adam fallback: after loading, every parameter's "step" is the
-    *same* tensor object, and torch Adam increments each parameter's step in place, so the shared counter
-    advances once per parameter per step and the bias corrections go wrong. Give each its own copy; call after
-    `optimizer.load_state_dict`."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        for state in getattr(inner, "state", {}).values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
 
 
 def build_optimizer(model, optim: OptimConfig, train: TrainConfig, parallel: ParallelConfig):
@@ -71,7 +33,7 @@ def build_optimizer(model, optim: OptimConfig, train: TrainConfig, parallel: Par
         loss_scale_window=train.loss_scale_window,
         hysteresis=train.loss_scale_hysteresis,
     )
-    _patch_torch_adam_state_restore()
+    patch_torch_adam_state_restore()  # megatron-core 0.16.1 torch-Adam fallback bug (compat)
     optimizer = get_megatron_optimizer(config, [model])
     # megatron's schedules multiply the loss by config.grad_scale_func before backward, and the optimizer divides
     # the gradients by the loss scale: without the hook fp16 gradients come out 1/scale of their value (Adam's eps

@@ -6,9 +6,10 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.transformer.module import Float16Module
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from megatron_speech.compat.megatron_core import finalize_grads
 
 
 def wrap_for_training(
@@ -43,7 +44,7 @@ def wrap_for_training(
     ddp.broadcast_params()
     config.no_sync_func = ddp.no_sync
     sum_local = tp_group.size() > 1 and not config.sequence_parallel
-    config.finalize_model_grads_func = partial(_finalize, params=local_params if sum_local else [],
+    config.finalize_model_grads_func = partial(finalize_grads, params=local_params if sum_local else [],
                                                tp_group=tp_group)
     return ddp
 
@@ -55,17 +56,3 @@ def sync_params(ddp) -> None:
     must gather them first, as Megatron-LM does before its saves. A no-op without the overlap."""
     if ddp.ddp_config.overlap_param_gather:
         ddp.start_param_sync(force_sync=True)
-
-
-def _finalize(model_chunks, num_tokens=None, pg_collection=None, force_all_reduce=False, *, params, tp_group):
-    """megatron's finalize_model_grads without its division by the token count: the loss functions already divide
-    by the step's global count before backward (training/step.py says why). Then, with TP and SP off, the TP sum
-    of the local-slice parameters' partial gradients."""
-    finalize_model_grads(model_chunks, None, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
-    grads = [p.main_grad.data for p in params if p.requires_grad]
-    if not grads:
-        return
-    coalesced = _flatten_dense_tensors(grads)
-    torch.distributed.all_reduce(coalesced, group=tp_group)
-    for buf, synced in zip(grads, _unflatten_dense_tensors(coalesced, grads)):
-        buf.copy_(synced)

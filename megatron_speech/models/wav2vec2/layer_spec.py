@@ -32,6 +32,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.utils import divide
 
+from megatron_speech.compat.megatron_core import mask_type_from_call
+
 
 def fp32_layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
     """`norm` with fp32 statistics whatever the activation dtype, result in x's dtype: fp16 statistics over 512-1024
@@ -115,27 +117,6 @@ class SDPAttention(MegatronModule):
                                                  scale=self.softmax_scale)
         # [b, np, s, hn] -> [s, b, np * hn]
         return ctx.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
-
-
-def attention_mask_type(attention_mask: torch.Tensor | None) -> AttnMaskType:
-    """The mask type a bidirectional attention call needs: `no_mask` without a mask (pre-training's unpadded crops,
-    validation, `embed`), `padding` with one (fine-tuning's padded batches). megatron's BERT specs fix `padding`
-    at build time; Transformer Engine asserts when a padding type comes without a mask ("Please provide
-    attention_mask for padding!") and would ignore a mask passed under `no_mask`."""
-    return AttnMaskType.no_mask if attention_mask is None else AttnMaskType.padding
-
-
-def mask_type_from_call(core_attention: type) -> type:
-    """`core_attention` (TE's TEDotProductAttention, our SDPAttention) taking its mask type from each call's mask
-    (attention_mask_type) instead of the type megatron's SelfAttention passes (the spec's fixed one)."""
-
-    class CallMaskType(core_attention):
-        def forward(self, query, key, value, attention_mask, attn_mask_type=None, **kwargs):
-            return super().forward(query, key, value, attention_mask,
-                                   attn_mask_type=attention_mask_type(attention_mask), **kwargs)
-
-    CallMaskType.__name__ = CallMaskType.__qualname__ = f"{core_attention.__name__}CallMaskType"
-    return CallMaskType
 
 
 def te_available() -> bool:

@@ -1,4 +1,5 @@
-"""Run megatron-core's real TP/SP/DDP/optimizer/schedule code on CPU (gloo).
+"""Run megatron-core's real TP/SP/DDP/optimizer/schedule code on CPU (gloo). Targets megatron-core 0.16.1
+(the CUDA assumptions below are that release's; re-check them on an upgrade, see compat/__init__.py).
 
 megatron-core assumes CUDA: it allocates with ``device=torch.cuda.current_device()`` or
 ``device="cuda"``, checks ``param.type() == "torch.cuda.FloatTensor"``, and keeps its tensor-parallel
@@ -105,6 +106,7 @@ _SPECIAL: dict[Any, Callable[..., Any]] = {
 }
 
 
+# megatron-core 0.16.1: device="cuda" allocations, param.type() == "torch.cuda.FloatTensor" branches, x.cuda().
 class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA devices to CPU in every torch call (see the module docstring)."""
 
@@ -128,18 +130,21 @@ class _CudaToCpuMode(TorchFunctionMode):
 _MODE = _CudaToCpuMode()
 
 
+# megatron-core 0.16.1: allocates with device=torch.cuda.current_device() throughout.
 def _current_device() -> int:
     # ~175 megatron-core allocations use device=torch.cuda.current_device(), which raises without
     # CUDA. Return the int a one-GPU process would see; the mode maps it to CPU.
     return 0
 
 
+# megatron-core 0.16.1: Timers and dist_checkpointing call torch.cuda.synchronize() unconditionally.
 def _synchronize(device: Any = None) -> None:
     # megatron's Timers.start/stop, async checkpoint scheduling and fully-parallel checkpoint loading
     # call torch.cuda.synchronize() unconditionally; CPU ops have finished when they return.
     return None
 
 
+# megatron-core 0.16.1: tensor_parallel.random keeps the TP RNG streams in CUDA generators only.
 def _cpu_get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
     # Replaces megatron's _get_cuda_rng_state: _get_all_rng_states() reads it when activation
     # recompute (tensor_parallel.checkpoint, CheckpointWithoutOutput) saves the RNG streams.
@@ -151,6 +156,7 @@ def _cpu_set_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bo
     torch.set_rng_state(new_state)
 
 
+# megatron-core 0.16.1: CudaRNGStatesTracker.add/fork seed and swap the CUDA generator.
 def _make_tracker_class() -> type:
     from megatron.core.tensor_parallel import random as mrandom
 
