@@ -279,12 +279,13 @@ def _optimized_param_ids(optimizer) -> set[int]:
 
 def _rank_freeze(rank, world, prefix, distributed):
     """Three frozen steps, the rebuild, two more; snapshots and gradient checks along the way."""
+    from megatron_speech.compat.megatron_core import disarm_ddp
     from megatron_speech.data.finetune_data import build_finetune_loader, labeled_split
     from megatron_speech.finetune import load_finetune_config
     from megatron_speech.parallel.initialize import initialize_parallel
     from megatron_speech.tasks.task import Task, collect_labels
     from megatron_speech.training.finetune_step import run_micro_batches, task_loss, train_step
-    from megatron_speech.training.finetune_unit import build_model, build_trainer, retire
+    from megatron_speech.training.finetune_unit import build_model, build_trainer
 
     cfg = load_finetune_config(str(ROOT / "configs/finetune/phoneme.yaml"), [
         "pretrained=none", f"data.prefix={prefix}", "data.max_tokens=64000", "data.max_sample_seconds=4",
@@ -312,7 +313,7 @@ def _rank_freeze(rank, world, prefix, distributed):
     encoder_kept = all(torch.equal(a, b) for a, b in zip(start_encoder, encoder, strict=True))
     head_moved = not all(torch.equal(a, b) for a, b in zip(start_head, model.head_params(), strict=True))
 
-    retire(ddp)
+    disarm_ddp(ddp)
     ddp, opt, sched = build_trainer(model, cfg, frozen=False, scheduler_steps=sched.num_steps)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     full_optimized = _optimized_param_ids(opt) == trainable

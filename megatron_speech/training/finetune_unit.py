@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from megatron_speech.compat.megatron_core import disarm_ddp
 from megatron_speech.data.finetune_data import LabeledSplit, eval_batches
 from megatron_speech.models.wav2vec2.factory import build_pretraining_model, transformer_config
 from megatron_speech.models.wav2vec2.heads import Wav2Vec2ForFinetuning, build_finetuning_model
@@ -55,16 +56,6 @@ def build_trainer(model: Wav2Vec2ForFinetuning, cfg, frozen: bool, scheduler_ste
     return ddp, optimizer, scheduler
 
 
-def retire(ddp) -> None:
-    """Disarm a DDP wrapper that a rebuild replaces. megatron-core 0.16.1 registers its gradient hooks on the
-    parameters' gradient accumulators without keeping handles; they stay attached, and each starts with `if param
-    in self.param_to_bucket_group`: emptying that map makes them no-ops, so the new wrapper alone handles every
-    gradient (tests/test_finetune.py checks the gradients after a rebuild)."""
-    if getattr(ddp, "use_forward_hook", False):  # parallel.overlap_param_gather: gather the current weights first
-        ddp.disable_forward_pre_hook(param_sync=True)
-    ddp.param_to_bucket_group.clear()
-
-
 def trainable_count(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -90,7 +81,7 @@ class FinetuneUnit(TrainUnit):
 
     def before_step(self, step: int) -> None:
         if self.frozen and step >= self.cfg.finetune.freeze_encoder_steps:
-            retire(self.ddp)
+            disarm_ddp(self.ddp)
             self.ddp, self.optimizer, self.scheduler = build_trainer(self.model, self.cfg, False,
                                                                      self.scheduler.num_steps)
             self.frozen = False
