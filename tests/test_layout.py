@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "megatron_speech"
@@ -95,3 +96,45 @@ def test_no_import_cycle_between_packages():
         steps = "\n".join(f"  {a} -> {b}  ({where[a, b]})" for a, b in zip(cycle, cycle[1:]))
         edges = "\n".join(f"  {unit} -> {', '.join(sorted(targets))}" for unit, targets in sorted(graph.items()))
         raise AssertionError(f"import cycle between packages: {' -> '.join(cycle)}\n{steps}\nimport graph:\n{edges}")
+
+
+def _module_imports(path: Path) -> list[tuple[str, int]]:
+    module = _module_name(path)
+    return [(name, node.lineno) for node in ast.walk(ast.parse(path.read_text(), str(path)))
+            for name in _imported(node, module, path.name == "__init__.py")]
+
+
+def test_no_module_over_450_lines():
+    """A module a reader can hold in their head; a longer one is two ideas (split it)."""
+    long = {str(p.relative_to(PACKAGE.parent)): n for p in sorted(PACKAGE.rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > 450}
+    assert not long, f"modules over 450 lines: {long}"
+
+
+def test_data_reads_at_run_time_and_imports_no_model_but_the_masker():
+    """data/ is what training reads at run time: it may use the masker (masks and distractors are drawn in the
+    workers) and the neutral modules, never the model, the trainer or the checkpoints."""
+    allowed = {"megatron_speech.models.wav2vec2.masker"}
+    found = [f"{path.relative_to(PACKAGE.parent)}:{line} imports {name}"
+             for path in sorted((PACKAGE / "data").rglob("*.py")) for name, line in _module_imports(path)
+             if _unit(name) in {"models", "training", "checkpoint", "parallel", "compat"} and name not in allowed]
+    assert not found, "\n".join(found)
+
+
+def test_every_design_reference_points_into_the_repository():
+    """Comments cite docs/design.md §N; a design file outside the clone helps no one."""
+    root = PACKAGE.parent
+    design = (root / "docs/design.md").read_text()
+    sections = {int(m) for m in re.findall(r"^## (\d+)\.", design, flags=re.M)}
+    stale, missing = [], []
+    for path in [*root.glob("megatron_speech/**/*.py"), *root.glob("tools/**/*.py"), *root.glob("bench/*.py"),
+                 *root.glob("tests/**/*.py"), *root.glob("launch/*"), *root.glob("docs/*.md"), root / "README.md"]:
+        text = path.read_text()
+        for i, line in enumerate(text.splitlines(), 1):
+            if "DESIGN" in line and path.name != "test_layout.py":
+                stale.append(f"{path.relative_to(root)}:{i}")
+        for m in re.finditer(r"design\.md §(\d+)", text):
+            if int(m.group(1)) not in sections:
+                missing.append(f"{path.relative_to(root)}: §{m.group(1)}")
+    assert not stale, f"references to a design file outside the repository: {stale}"
+    assert not missing, f"sections docs/design.md does not have: {missing}"
