@@ -208,11 +208,12 @@ def model_overrides(draw) -> list[str]:
 
 
 def _one_training_step(cfg) -> float:
-    from megatron_speech.models.wav2vec2.factory import _single_rank_groups, build_pretraining_model, transformer_config
+    from megatron_speech.models.wav2vec2.factory import build_model
     from megatron_speech.models.wav2vec2.masker import compute_span_mask, counter_rng, sample_negatives
+    from megatron_speech.parallel.initialize import single_rank_groups
 
     m = cfg.model
-    model = build_pretraining_model(m, transformer_config(m), pg_collection=_single_rank_groups())
+    model = build_model(m, pg_collection=single_rank_groups())
     frames = m.num_frames(round(cfg.data.min_sample_seconds * 16_000))  # the shortest crop the loader can form
     rng = counter_rng(0, 0, 0, 0)
     wave = torch.from_numpy(rng.standard_normal((2, m.num_samples(frames))).astype(np.float32))

@@ -82,7 +82,7 @@ class MeanPoolClassifier(_LinearHead):
 
 class Wav2Vec2ForFinetuning(MegatronModule):
     """The pre-training model's encoder (its quantizer and projections unused) + an optional layer weighting + a
-    head. Built by `build_finetuning_model`.
+    head. Built by `factory.build_model` (with a HeadSpec).
 
     Checkpoint keys: the encoder keeps exactly the pre-training model's keys and the head's are added under
     `head.` / `layer_sum.`, so a fine-tuned checkpoint also loads wherever a pre-training one does (`embed`,
