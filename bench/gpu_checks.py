@@ -62,11 +62,10 @@ def make_batch(cfg, seed: int = 0) -> dict:
 
 
 def build(cfg, precision: str = "fp32"):
-    from megatron_speech.models.wav2vec2.factory import build_pretraining_model, transformer_config
+    from megatron_speech.models.wav2vec2.factory import build_model
 
     # the local spec, TE or not (the CPU reference has no TE; the `te` stage checks TE's spec against it)
-    model = build_pretraining_model(cfg.model, transformer_config(cfg.model, precision=precision, use_te=False),
-                                    use_te=False)
+    model = build_model(cfg.model, precision=precision, use_te=False)
     model.quantizer.gumbel_noise = False  # deterministic straight-through codes: comparable across devices
     return model
 
@@ -281,7 +280,7 @@ def check_te(device: str, ref: dict | None = None, config: str = "configs/xl.yam
 
     from megatron_speech.checkpoint.model_io import load_model_weights, save_model_only
     from megatron_speech.config import load_config
-    from megatron_speech.models.wav2vec2.factory import build_pretraining_model, transformer_config
+    from megatron_speech.models.wav2vec2.factory import build_model
     from megatron_speech.training.parallelize import wrap_for_training
 
     off = [f"model.{k}=0.0" for k in ("dropout", "attention_dropout", "feature_proj_dropout",
@@ -307,8 +306,7 @@ def check_te(device: str, ref: dict | None = None, config: str = "configs/xl.yam
         return parts[name]["status"] == "PASS"
 
     def build(use_te: bool):
-        tconfig = transformer_config(cfg.model, precision="bf16", use_te=use_te)
-        model = build_pretraining_model(cfg.model, tconfig, use_te=use_te)
+        model = build_model(cfg.model, precision="bf16", use_te=use_te)
         model.quantizer.gumbel_noise = False  # deterministic codes: the two specs are comparable
         return model.train()
 

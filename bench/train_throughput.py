@@ -126,7 +126,7 @@ def model_flops(model_cfg, batch: dict) -> float:
 
 
 def setup_ours(cfg, batch: dict, device: str, precision: str, tp: int):
-    from megatron_speech.models.wav2vec2.factory import build_pretraining_model, gumbel_temperature, transformer_config
+    from megatron_speech.models.wav2vec2.factory import build_model, gumbel_temperature
     from megatron_speech.parallel.initialize import initialize_parallel
     from megatron_speech.training.optim import build_optimizer
     from megatron_speech.training.parallelize import wrap_for_training
@@ -135,8 +135,8 @@ def setup_ours(cfg, batch: dict, device: str, precision: str, tp: int):
     p, t = cfg.parallel, cfg.train
     t.precision = precision
     initialize_parallel(tp, t.seed)
-    tconfig = transformer_config(cfg.model, tp, p.sequence_parallel and tp > 1, precision, t.recompute_transformer)
-    model = build_pretraining_model(cfg.model, tconfig, recompute_conv=t.recompute_conv)
+    model = build_model(cfg.model, tp=tp, sequence_parallel=p.sequence_parallel and tp > 1, precision=precision,
+                        recompute=t.recompute_transformer, recompute_conv=t.recompute_conv)
     model.to(device)  # megatron's layers are born on the GPU; the conv front-end and heads are not
     model.quantizer.temperature = gumbel_temperature(cfg.model, 0)
     ddp = wrap_for_training(model, p.use_distributed_optimizer, p.overlap_grad_reduce)

@@ -33,10 +33,11 @@ def load_waveform(path: str, normalize: bool, eps: float) -> torch.Tensor:
 
 def embed(checkpoint: str, audio: str, layer: int | None = None, use_ema: bool = False) -> np.ndarray:
     from megatron_speech.checkpoint.model_io import checkpoint_config, load_model_weights
-    from megatron_speech.models.wav2vec2.factory import _single_rank_groups, build_pretraining_model, transformer_config
+    from megatron_speech.models.wav2vec2.factory import build_model
+    from megatron_speech.parallel.initialize import single_rank_groups
 
     cfg = checkpoint_config(checkpoint)
-    model = build_pretraining_model(cfg.model, transformer_config(cfg.model), _single_rank_groups()).eval()
+    model = build_model(cfg.model, pg_collection=single_rank_groups()).eval()
     load_model_weights(checkpoint, model, use_ema=use_ema)
     wave = load_waveform(audio, cfg.data.normalize, cfg.data.normalize_eps)
     with torch.no_grad():

@@ -32,8 +32,8 @@ def evaluate_checkpoint(checkpoint: str, manifest: str, use_ema: bool = False, o
 
     from megatron_speech.checkpoint.model_io import checkpoint_config, load_model_weights
     from megatron_speech.data.finetune_data import eval_batches, min_samples_for, open_manifest, select_labeled
-    from megatron_speech.models.wav2vec2.factory import _single_rank_groups, build_pretraining_model, transformer_config
-    from megatron_speech.models.wav2vec2.heads import build_finetuning_model
+    from megatron_speech.models.wav2vec2.factory import HeadSpec, build_model
+    from megatron_speech.parallel.initialize import single_rank_groups
     from megatron_speech.tasks import metrics as task_metrics
     from megatron_speech.tasks.task import Task
     from megatron_speech.training.finetune_step import batch_stats, task_loss
@@ -44,10 +44,8 @@ def evaluate_checkpoint(checkpoint: str, manifest: str, use_ema: bool = False, o
         raise ValueError(f"{checkpoint} is not a fine-tuned checkpoint (finetune.task is 'none'): fine-tune it first "
                          "with python -m megatron_speech.finetune")
     task = Task.from_config(cfg.finetune)
-    pg = _single_rank_groups()
-    wav2vec2 = build_pretraining_model(cfg.model, transformer_config(cfg.model), pg)
-    model = build_finetuning_model(wav2vec2, task.kind, task.num_outputs, cfg.finetune.layer_weighting,
-                                   cfg.finetune.final_dropout).eval()
+    head = HeadSpec(task.kind, task.num_outputs, cfg.finetune.layer_weighting, cfg.finetune.final_dropout)
+    model = build_model(cfg.model, head=head, pg_collection=single_rank_groups()).eval()
     load_model_weights(checkpoint, model, use_ema=use_ema)
 
     source = open_manifest(manifest, min_samples_for(cfg.data, cfg.model))

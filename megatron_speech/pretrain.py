@@ -28,7 +28,7 @@ from megatron_speech.checkpoint.checkpointing import resume_step
 from megatron_speech.checkpoint.model_io import load_model_weights
 from megatron_speech.config import format_help, load_config, parse_cli
 from megatron_speech.data.loader import build_eval_loader, build_pretrain_loader
-from megatron_speech.models.wav2vec2.factory import build_pretraining_model, gumbel_temperature, transformer_config
+from megatron_speech.models.wav2vec2.factory import build_model, gumbel_temperature
 from megatron_speech.training import dry_run
 from megatron_speech.training.driver import run_training
 from megatron_speech.training.ema import EMA
@@ -95,9 +95,9 @@ def train(cfg, progress: dict[str, int], stop: StopSignal) -> int:
     tp, dp = p.tensor_model_parallel_size, parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
 
-    tconfig = transformer_config(cfg.model, tp, p.sequence_parallel_enabled, t.precision, t.recompute_transformer)
-    tconfig.recompute_num_layers = t.recompute_num_layers if t.recompute_transformer == "full" else None
-    model = build_pretraining_model(cfg.model, tconfig, recompute_conv=t.recompute_conv)
+    model = build_model(cfg.model, tp=tp, sequence_parallel=p.sequence_parallel_enabled, precision=t.precision,
+                        recompute=t.recompute_transformer, recompute_num_layers=t.recompute_num_layers,
+                        recompute_conv=t.recompute_conv)
     resume_from = resume_step(t.save_dir) if t.resume else None  # falls back past a damaged checkpoint
     if resume_from is None and t.init_checkpoint:  # before wrapping: DDP and the optimizer copy the weights
         load_model_weights(t.init_checkpoint, model)

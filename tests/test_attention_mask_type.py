@@ -45,10 +45,11 @@ def te_like_attention(monkeypatch):
 
 
 def test_pretraining_forward_calls_attention_without_a_mask_type(te_like_attention):
-    from megatron_speech.models.wav2vec2.factory import _single_rank_groups, build_pretraining_model, transformer_config
+    from megatron_speech.models.wav2vec2.factory import build_model
+    from megatron_speech.parallel.initialize import single_rank_groups
 
     cfg = tiny_config(dropout=0.0).model
-    model = build_pretraining_model(cfg, transformer_config(cfg), _single_rank_groups())
+    model = build_model(cfg, pg_collection=single_rank_groups())
     batch = synthetic_batch(cfg, seed=3)
     out = model(batch["waveform"], mask=batch["mask"], negatives=batch["negatives"])
     out.loss.backward()
@@ -56,13 +57,12 @@ def test_pretraining_forward_calls_attention_without_a_mask_type(te_like_attenti
 
 
 def test_finetuning_forward_calls_attention_with_padding(te_like_attention):
-    from megatron_speech.models.wav2vec2.factory import _single_rank_groups, build_pretraining_model, transformer_config
-    from megatron_speech.models.wav2vec2.heads import build_finetuning_model
+    from megatron_speech.models.wav2vec2.factory import HeadSpec, build_model
+    from megatron_speech.parallel.initialize import single_rank_groups
     from tests.test_finetune import _padded_pair
 
     cfg = tiny_config(dropout=0.0)
-    wav2vec2 = build_pretraining_model(cfg.model, transformer_config(cfg.model), _single_rank_groups())
-    model = build_finetuning_model(wav2vec2, "ctc", 7, False)
+    model = build_model(cfg.model, head=HeadSpec("ctc", 7, False), pg_collection=single_rank_groups())
     wave, padding, alone = _padded_pair(cfg)
     model(wave, padding_mask=padding)
     assert te_like_attention.seen == [AttnMaskType.padding] * cfg.model.num_layers

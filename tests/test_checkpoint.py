@@ -13,7 +13,7 @@ from tests.fixtures import global_batch, tiny_config
 def _setup(tp: int, distributed_optimizer: bool = True):
     from megatron.core import parallel_state
 
-    from megatron_speech.models.wav2vec2.factory import build_pretraining_model, transformer_config
+    from megatron_speech.models.wav2vec2.factory import build_model
     from megatron_speech.parallel.initialize import initialize_parallel
     from megatron_speech.training.ema import EMA
     from megatron_speech.training.optim import build_optimizer, build_scheduler
@@ -22,7 +22,7 @@ def _setup(tp: int, distributed_optimizer: bool = True):
     initialize_parallel(tp, seed=3)
     cfg = tiny_config("optim.warmup_steps=1", f"parallel.use_distributed_optimizer={distributed_optimizer}",
                       dropout=0.0)
-    model = build_pretraining_model(cfg.model, transformer_config(cfg.model, tp, False))
+    model = build_model(cfg.model, tp=tp, sequence_parallel=False)
     model.quantizer.gumbel_noise = False
     ddp = wrap_for_training(model, use_distributed_optimizer=distributed_optimizer, overlap_grad_reduce=True)
     opt = build_optimizer(ddp, cfg.optim, cfg.train, cfg.parallel)

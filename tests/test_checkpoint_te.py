@@ -48,11 +48,11 @@ def _weights(model) -> dict:
 
 
 def _build(seed: int, te: bool, cfg=None):
-    from megatron_speech.models.wav2vec2.factory import build_pretraining_model, transformer_config
+    from megatron_speech.models.wav2vec2.factory import build_model
 
     cfg = cfg or tiny_config("optim.warmup_steps=1", dropout=0.0)
     torch.manual_seed(seed)
-    model = build_pretraining_model(cfg.model, transformer_config(cfg.model, 1, False))
+    model = build_model(cfg.model, tp=1, sequence_parallel=False)
     return cfg, te_like(model) if te else model
 
 
@@ -138,8 +138,8 @@ def _both_directions(rank, world, root):
     audio = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1
     soundfile.write(f"{root}/clip.wav", audio, 16000, subtype="PCM_16")
     local_hidden = embed.embed(f"{root}/local", f"{root}/clip.wav")
-    build = factory.build_pretraining_model
-    factory.build_pretraining_model = lambda *a, **k: te_like(build(*a, **k))
+    build = factory.build_model
+    factory.build_model = lambda *a, **k: te_like(build(*a, **k))
     out["embed"] = (local_hidden, embed.embed(f"{root}/local", f"{root}/clip.wav"))
     return out
 

@@ -1,4 +1,4 @@
-"""Config loading, overrides, validation, round trip and help (megatron_speech/config.py, configs/*.yaml)."""
+"""Config loading, overrides, validation, round trip and help (megatron_speech/config/, configs/*.yaml)."""
 
 from __future__ import annotations
 

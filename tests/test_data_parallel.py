@@ -36,11 +36,11 @@ def _micro_batches(cfg):
     return out
 
 
-def _build(cfg, tconfig):
-    from megatron_speech.models.wav2vec2.factory import build_pretraining_model
+def _build(cfg):
+    from megatron_speech.models.wav2vec2.factory import build_model
 
     torch.manual_seed(1234)  # identical initial weights in every process and for the reference
-    model = build_pretraining_model(cfg, tconfig)
+    model = build_model(cfg)
     model.quantizer.gumbel_noise = False
     return model
 
@@ -50,7 +50,6 @@ def _rank(rank: int, world_size: int, use_distributed_optimizer: bool):
     from megatron.core.pipeline_parallel.schedules import forward_backward_no_pipelining
 
     from megatron_speech.config import load_config
-    from megatron_speech.models.wav2vec2.factory import transformer_config
     from megatron_speech.parallel.initialize import initialize_parallel
     from megatron_speech.training.parallelize import wrap_for_training
     from megatron_speech.training.step import agree, batch_counts, forward_step
@@ -59,11 +58,10 @@ def _rank(rank: int, world_size: int, use_distributed_optimizer: bool):
     zero_dropout = [f"model.{k}=0.0" for k in ("dropout", "attention_dropout", "feature_proj_dropout",
                                                  "feature_quantizer_dropout")]
     cfg = load_config(str(ROOT / "configs/tiny.yaml"), zero_dropout).model
-    tconfig = transformer_config(cfg)
     batches = _micro_batches(cfg)
 
     # Reference: one plain process computing the whole global batch, normalized by its total masked count.
-    ref = _build(cfg, tconfig)
+    ref = _build(cfg)
     outs = [ref(b["waveform"], b["mask"], b["negatives"]) for b in batches]
     total = sum(int(o.num_masked) for o in outs)
     (sum(o.loss for o in outs) / total).backward()
@@ -72,7 +70,7 @@ def _rank(rank: int, world_size: int, use_distributed_optimizer: bool):
     ref_opt.step()
     ref_params = {n: p.detach().clone() for n, p in ref.named_parameters()}
 
-    model = wrap_for_training(_build(cfg, tconfig), use_distributed_optimizer=use_distributed_optimizer,
+    model = wrap_for_training(_build(cfg), use_distributed_optimizer=use_distributed_optimizer,
                               overlap_grad_reduce=True)
     mine = batches if world_size == 1 else [batches[rank]]  # DP=2: one micro-batch each; DP=1: accumulate both
     opt = get_megatron_optimizer(
@@ -113,14 +111,14 @@ def test_dp_matches_single_process_global_batch(world_size, use_distributed_opti
 
 def _replica_weights(rank: int, world_size: int):
     from megatron_speech.models.wav2vec2 import interop
-    from megatron_speech.models.wav2vec2.factory import build_pretraining_model, transformer_config
+    from megatron_speech.models.wav2vec2.factory import build_model
     from megatron_speech.parallel.initialize import initialize_parallel
     from megatron_speech.training.parallelize import wrap_for_training
     from tests.fixtures import tiny_config
 
     initialize_parallel(1, seed=1)  # seeds differ per DP rank: each replica initializes different weights
     cfg = tiny_config().model
-    model = build_pretraining_model(cfg, transformer_config(cfg))
+    model = build_model(cfg)
     before = interop.canonical_state_dict(model)
     wrap_for_training(model)
     return before, interop.canonical_state_dict(model)

@@ -220,15 +220,14 @@ def test_finetune_workers_survive_slurm_signals(tmp_path):
 
 
 def _tiny_finetune_model(kind: str, num_outputs: int, layer_weighting: bool, dropout: float = 0.0):
-    from megatron_speech.models.wav2vec2.factory import _single_rank_groups, build_pretraining_model, transformer_config
-    from megatron_speech.models.wav2vec2.heads import build_finetuning_model
+    from megatron_speech.models.wav2vec2.factory import HeadSpec, build_model
+    from megatron_speech.parallel.initialize import single_rank_groups
     from tests.fixtures import tiny_config
 
     cfg = tiny_config(dropout=dropout)
-    pg = _single_rank_groups()
+    pg = single_rank_groups()
     torch.manual_seed(0)
-    wav2vec2 = build_pretraining_model(cfg.model, transformer_config(cfg.model), pg)
-    model = build_finetuning_model(wav2vec2, kind, num_outputs, layer_weighting)
+    model = build_model(cfg.model, head=HeadSpec(kind, num_outputs, layer_weighting), pg_collection=pg)
     with torch.no_grad():  # a head that is not ~0, and non-uniform layer weights
         for p in model.head_params():
             p.normal_(0, 0.5)

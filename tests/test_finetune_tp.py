@@ -42,8 +42,7 @@ def _batch(cfg, kind: str) -> dict:
 
 def _rank(rank: int, world: int, weights: str):
     from megatron_speech.models.wav2vec2 import interop
-    from megatron_speech.models.wav2vec2.factory import build_pretraining_model, transformer_config
-    from megatron_speech.models.wav2vec2.heads import build_finetuning_model
+    from megatron_speech.models.wav2vec2.factory import HeadSpec, build_model
     from megatron_speech.parallel.initialize import initialize_parallel
     from megatron_speech.tasks.task import Task
     from megatron_speech.training.finetune_step import global_sums, run_micro_batches
@@ -57,8 +56,9 @@ def _rank(rank: int, world: int, weights: str):
         task = Task("phoneme", "phonemes", tuple(f"p{i}" for i in range(6))) if kind == "ctc" else \
             Task("emotion", "arousal_proxy", ("high", "low", "neutral"))
         for sp in ((False,) if world == 1 else (False, True)):
-            wav2vec2 = build_pretraining_model(cfg.model, transformer_config(cfg.model, world, sp))
-            model = build_finetuning_model(wav2vec2, kind, task.num_outputs, layer_weighting)
+            model = build_model(cfg.model, tp=world, sequence_parallel=sp,
+                                head=HeadSpec(kind, task.num_outputs, layer_weighting))
+            wav2vec2 = model.wav2vec2
             path = f"{weights}.{kind}"
             if world == 1:
                 with torch.no_grad():

@@ -25,12 +25,12 @@ def model_config(name: str, *overrides: str):
 def build(m, precision: str = "fp32"):
     from megatron.core.transformer.module import Float16Module
 
-    from megatron_speech.models.wav2vec2 import factory
+    from megatron_speech.models.wav2vec2.factory import build_model
+    from megatron_speech.parallel.initialize import single_rank_groups
 
-    tconfig = factory.transformer_config(m, precision=precision)
-    model = factory.build_pretraining_model(m, tconfig, pg_collection=factory._single_rank_groups())
+    model = build_model(m, precision=precision, pg_collection=single_rank_groups())
     model.quantizer.gumbel_noise = False
-    return Float16Module(tconfig, model) if precision != "fp32" else model
+    return Float16Module(model.config, model) if precision != "fp32" else model
 
 
 def test_xl_matches_the_design_numbers():
@@ -91,7 +91,7 @@ def _count_at_tp2(rank, world_size):
 
     m = model_config("tiny")
     initialize_parallel(2)
-    model = factory.build_pretraining_model(m, factory.transformer_config(m, 2))
+    model = factory.build_model(m, tp=2)
     n = sum(p.numel() for p in model.parameters())
     destroy_parallel()
     return n

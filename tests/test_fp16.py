@@ -37,7 +37,7 @@ def _copy_weights(model, weights: dict) -> None:
 
 
 def _pretrain_pair(rank: int, world: int, *overrides: str) -> dict:
-    from megatron_speech.models.wav2vec2.factory import build_pretraining_model, transformer_config
+    from megatron_speech.models.wav2vec2.factory import build_model
     from megatron_speech.parallel.initialize import initialize_parallel
     from megatron_speech.training.optim import build_optimizer
     from megatron_speech.training.parallelize import wrap_for_training
@@ -48,8 +48,7 @@ def _pretrain_pair(rank: int, world: int, *overrides: str) -> dict:
     batches = global_batch(tiny_config().model, step=0)
     for precision in ("fp32", "fp16"):
         cfg = tiny_config(f"train.precision={precision}", f"optim.lr={LR}", *overrides, dropout=0.0)
-        tconfig = transformer_config(cfg.model, 1, False, precision)
-        model = build_pretraining_model(cfg.model, tconfig)
+        model = build_model(cfg.model, tp=1, sequence_parallel=False, precision=precision)
         model.quantizer.temperature = 1.0
         model.quantizer.gumbel_noise = False  # fp16 logits may pick another code on a near-tie; keep it to argmax
         if weights is None:

@@ -10,12 +10,9 @@ transformers = pytest.importorskip("transformers")
 
 from megatron_speech.common.rng import counter_rng  # noqa: E402
 from megatron_speech.models.wav2vec2 import interop  # noqa: E402
-from megatron_speech.models.wav2vec2.factory import (  # noqa: E402
-    _single_rank_groups,
-    build_pretraining_model,
-    transformer_config,
-)
+from megatron_speech.models.wav2vec2.factory import build_model  # noqa: E402
 from megatron_speech.models.wav2vec2.masker import compute_span_mask, sample_negatives  # noqa: E402
+from megatron_speech.parallel.initialize import single_rank_groups  # noqa: E402
 
 
 def hf_tiny_config(**kw):
@@ -47,7 +44,7 @@ def random_hf_model(seed: int = 0):
 @pytest.fixture(scope="module")
 def pair():
     hf, cfg = random_hf_model()
-    ours = build_pretraining_model(cfg, transformer_config(cfg), _single_rank_groups()).eval()
+    ours = build_model(cfg, pg_collection=single_rank_groups()).eval()
     interop.load_canonical(ours, interop.from_hf(hf.state_dict(), cfg.num_attention_heads))
     return cfg, hf, ours
 

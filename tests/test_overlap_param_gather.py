@@ -36,10 +36,11 @@ def _driver(rank: int, world: int, argv: list[str]) -> tuple[int, list[bool]]:
 
 def _weights(rank: int, world: int, checkpoint: str) -> dict[str, torch.Tensor]:
     from megatron_speech.checkpoint.model_io import checkpoint_config, load_model_weights
-    from megatron_speech.models.wav2vec2.factory import _single_rank_groups, build_pretraining_model, transformer_config
+    from megatron_speech.models.wav2vec2.factory import build_model
+    from megatron_speech.parallel.initialize import single_rank_groups
 
     cfg = checkpoint_config(checkpoint)
-    model = build_pretraining_model(cfg.model, transformer_config(cfg.model), _single_rank_groups())
+    model = build_model(cfg.model, pg_collection=single_rank_groups())
     load_model_weights(checkpoint, model)
     out = {n: p.detach().clone() for n, p in model.named_parameters()}
     load_model_weights(checkpoint, model, use_ema=True)

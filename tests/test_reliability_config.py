@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from megatron_speech.config import Config, _field_types, _sections, all_keys, load_config
+from megatron_speech.config import Config, all_keys, field_types, load_config, sections
 from tests.fixtures import ROOT
 
 TINY = str(ROOT / "configs/tiny.yaml")
@@ -72,7 +72,7 @@ def keys(draw) -> str:
         i = draw(st.integers(0, len(key) - 1))
         return key[:i] + key[i + 1:]
     if mutation == "section":
-        return draw(st.sampled_from(list(_sections()))) + "." + key.split(".")[1]
+        return draw(st.sampled_from(list(sections()))) + "." + key.split(".")[1]
     if mutation == "bare":
         return key.split(".")[1]
     return key
@@ -86,7 +86,7 @@ def _tiny() -> Config:
 def _near_default(key: str, draw) -> str:
     """A value of the field's own type near the tiny preset's value (most likely to slip past a missing rule)."""
     section, name = key.split(".")
-    tp = _field_types(_sections()[section])[name]
+    tp = field_types(sections()[section])[name]
     current = getattr(getattr(_tiny(), section), name)
     if tp is int:
         return str(draw(st.one_of(st.integers(-2, 3), st.integers(-2, max(2 * int(current), 3)))))
@@ -120,7 +120,7 @@ def test_any_overrides_load_or_raise_one_clear_value_error(items, world_size):
     # Whatever loads is a config the driver can act on: finite numbers, and it survives a dict round trip.
     from megatron_speech.config import config_from_dict, config_to_dict
 
-    for section in _sections():
+    for section in sections():
         for name, value in vars(getattr(cfg, section)).items():
             for v in value if isinstance(value, (list, tuple)) else [value]:
                 if isinstance(v, float):
@@ -169,10 +169,10 @@ def test_unknown_key_is_named(key, value):
 
 
 @settings(max_examples=80, deadline=None, derandomize=True, database=None)
-@given(st.sampled_from([k for k in KEYS if _field_types(_sections()[k.split(".")[0]])[k.split(".")[1]] in (int, bool)]),
+@given(st.sampled_from([k for k in KEYS if field_types(sections()[k.split(".")[0]])[k.split(".")[1]] in (int, bool)]),
        st.sampled_from(["abc", "1.5", "[1, 2]", "{a: 1}", "'x'", "null", ".nan"]))
 def test_wrong_type_is_named(key, value):
-    tp = _field_types(_sections()[key.split(".")[0]])[key.split(".")[1]]
+    tp = field_types(sections()[key.split(".")[0]])[key.split(".")[1]]
     with pytest.raises(ValueError) as e:
         _load([f"{key}={value}"])
     assert f"{key}=" in str(e.value) and f"expected {tp.__name__}" in str(e.value), str(e.value)
@@ -209,11 +209,12 @@ def model_overrides(draw) -> list[str]:
 
 def _one_training_step(cfg) -> float:
     from megatron_speech.common.rng import counter_rng
-    from megatron_speech.models.wav2vec2.factory import _single_rank_groups, build_pretraining_model, transformer_config
+    from megatron_speech.models.wav2vec2.factory import build_model
     from megatron_speech.models.wav2vec2.masker import compute_span_mask, sample_negatives
+    from megatron_speech.parallel.initialize import single_rank_groups
 
     m = cfg.model
-    model = build_pretraining_model(m, transformer_config(m), pg_collection=_single_rank_groups())
+    model = build_model(m, pg_collection=single_rank_groups())
     frames = m.num_frames(round(cfg.data.min_sample_seconds * 16_000))  # the shortest crop the loader can form
     rng = counter_rng(0, 0, 0, 0)
     wave = torch.from_numpy(rng.standard_normal((2, m.num_samples(frames))).astype(np.float32))

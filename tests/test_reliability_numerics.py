@@ -35,7 +35,7 @@ def _driver_with_faults(rank: int, world: int, argv: list[str], faults: dict) ->
 
     logging.getLogger("megatron_speech").addHandler(Keep(level=logging.INFO))
     fingerprints: dict[int, float] = {}
-    build = driver.build_pretraining_model
+    build = driver.build_model
 
     def build_with_faults(*args, **kwargs):
         model = build(*args, **kwargs)
@@ -60,7 +60,7 @@ def _driver_with_faults(rank: int, world: int, argv: list[str], faults: dict) ->
             lambda g: g if state["grad_factor"] is None else g * state["grad_factor"])
         return model
 
-    driver.build_pretraining_model = build_with_faults
+    driver.build_model = build_with_faults
     code = driver.main(argv)
     return code, fingerprints, records
 

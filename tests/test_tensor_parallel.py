@@ -46,14 +46,14 @@ def _grads_rank(rank: int, world_size: int, sequence_parallel: bool, kind: str, 
     from megatron.core.pipeline_parallel.schedules import forward_backward_no_pipelining
 
     from megatron_speech.models.wav2vec2 import interop
-    from megatron_speech.models.wav2vec2.factory import build_pretraining_model, transformer_config
+    from megatron_speech.models.wav2vec2.factory import build_model
     from megatron_speech.parallel.initialize import initialize_parallel
     from megatron_speech.training.parallelize import wrap_for_training
     from megatron_speech.training.step import forward_step
 
     initialize_parallel(world_size, seed=5)
     cfg = _config(0.0)
-    model = build_pretraining_model(cfg, transformer_config(cfg, world_size, sequence_parallel))
+    model = build_model(cfg, tp=world_size, sequence_parallel=sequence_parallel)
     model.quantizer.gumbel_noise = False
     if world_size == 1:
         torch.save(interop.canonical_state_dict(model), weights)
@@ -95,14 +95,14 @@ def _dropout_rank(rank: int, world_size: int, sequence_parallel: bool):
     """Dropout and Gumbel noise on: capture what DESIGN §3 calls replicated, then take real optimizer steps."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from megatron_speech.models.wav2vec2.factory import build_pretraining_model, transformer_config
+    from megatron_speech.models.wav2vec2.factory import build_model
     from megatron_speech.parallel.initialize import initialize_parallel
     from megatron_speech.training.parallelize import wrap_for_training
     from megatron_speech.training.step import train_step
 
     initialize_parallel(world_size, seed=11)
     cfg = _config(0.2)
-    model = build_pretraining_model(cfg, transformer_config(cfg, world_size, sequence_parallel))
+    model = build_model(cfg, tp=world_size, sequence_parallel=sequence_parallel)
     captured = {}
 
     def keep(**tensors):  # a forward hook must return None, or it replaces the module's output
@@ -133,13 +133,13 @@ def test_dropout_keeps_replicated_activations_identical(sequence_parallel):
 
 def _hf_rank(rank: int, world_size: int, sequence_parallel: bool):
     from megatron_speech.models.wav2vec2 import interop
-    from megatron_speech.models.wav2vec2.factory import build_pretraining_model, transformer_config
+    from megatron_speech.models.wav2vec2.factory import build_model
     from megatron_speech.parallel.initialize import initialize_parallel
     from tests.test_hf_parity import batch, hf_negatives, random_hf_model
 
     initialize_parallel(world_size, seed=0)
     hf, cfg = random_hf_model()
-    model = build_pretraining_model(cfg, transformer_config(cfg, world_size, sequence_parallel)).eval()
+    model = build_model(cfg, tp=world_size, sequence_parallel=sequence_parallel).eval()
     interop.load_canonical(model, interop.from_hf(hf.state_dict(), cfg.num_attention_heads))
     wave, mask, negatives = batch(cfg, num_frames=40)
     with torch.no_grad():

@@ -45,7 +45,7 @@ def convert(rank: int, world: int, hf_dir: str, output: str, config_path: str, p
     from megatron_speech.checkpoint.model_io import save_model_only
     from megatron_speech.config import load_config
     from megatron_speech.models.wav2vec2 import interop
-    from megatron_speech.models.wav2vec2.factory import build_pretraining_model, transformer_config
+    from megatron_speech.models.wav2vec2.factory import build_model
     from megatron_speech.parallel.initialize import destroy_parallel, initialize_parallel
 
     hf_config, state = _load_hf(hf_dir)
@@ -54,7 +54,7 @@ def convert(rank: int, world: int, hf_dir: str, output: str, config_path: str, p
     cfg.model = model_cfg
     cfg.parallel.tensor_model_parallel_size = world
     initialize_parallel(world, seed=cfg.train.seed)
-    model = build_pretraining_model(model_cfg, transformer_config(model_cfg, world))
+    model = build_model(model_cfg, tp=world)
     canonical = interop.from_hf(state, model_cfg.num_attention_heads)
     ours = interop.canonical_state_dict(model)
     missing = sorted(set(ours) - set(canonical))

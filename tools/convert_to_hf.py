@@ -54,7 +54,8 @@ def export_with_notes(checkpoint: str, output: str, use_ema: bool = False,
 
     from megatron_speech.checkpoint.model_io import checkpoint_config, load_model_weights
     from megatron_speech.models.wav2vec2 import interop
-    from megatron_speech.models.wav2vec2.factory import _single_rank_groups, build_pretraining_model, transformer_config
+    from megatron_speech.models.wav2vec2.factory import HeadSpec, build_model
+    from megatron_speech.parallel.initialize import single_rank_groups
 
     if model_class not in MODEL_CLASSES:
         raise ValueError(f"--model-class {model_class!r}: expected one of {sorted(MODEL_CLASSES)}")
@@ -64,20 +65,19 @@ def export_with_notes(checkpoint: str, output: str, use_ema: bool = False,
     if model_class in ("ctc", "classification") and not finetuned:
         raise ValueError(f"--model-class {model_class}: {checkpoint} is a pre-training checkpoint without a task "
                          "head; fine-tune it (python -m megatron_speech.finetune) or export 'pretraining' / 'base'")
-    wav2vec2 = build_pretraining_model(cfg.model, transformer_config(cfg.model), _single_rank_groups())
-    model = wav2vec2
     task = None
     if finetuned:
-        from megatron_speech.models.wav2vec2.heads import build_finetuning_model
         from megatron_speech.tasks.task import Task
 
         task = Task.from_config(ft)
-        model = build_finetuning_model(wav2vec2, task.kind, task.num_outputs, ft.layer_weighting, ft.final_dropout)
         expected = "ctc" if task.kind == "ctc" else "classification"
         if model_class in ("ctc", "classification") and model_class != expected:
             raise ValueError(f"--model-class {model_class}: {checkpoint} was fine-tuned for {task.describe}, a "
                              f"{task.kind} head: use --model-class "
                              f"{'ctc' if task.kind == 'ctc' else 'classification'}")
+    head = HeadSpec(task.kind, task.num_outputs, ft.layer_weighting, ft.final_dropout) if task else None
+    model = build_model(cfg.model, head=head, pg_collection=single_rank_groups())
+    wav2vec2 = model.wav2vec2 if task else model
     load_model_weights(checkpoint, model, use_ema=use_ema)
     hf_state = interop.to_hf(interop.canonical_state_dict(wav2vec2), cfg.model.num_attention_heads)
     head_config = {}

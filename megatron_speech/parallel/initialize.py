@@ -8,6 +8,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.process_groups_config import ProcessGroupCollection
 
 from megatron_speech.compat.cpu import apply_cpu_compat
 
@@ -121,6 +122,14 @@ def compute_device() -> torch.device:
     """Where this rank's model and batches live: its GPU (initialize_parallel picked it from LOCAL_RANK), or the
     CPU when there is none."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def single_rank_groups() -> ProcessGroupCollection:
+    """Process groups for building a model outside a launched job (tools, evaluation, counting, tests): a
+    one-process world (initialize_parallel(1)) unless one is already initialized."""
+    if not parallel_state.model_parallel_is_initialized():
+        initialize_parallel(1)
+    return ProcessGroupCollection.use_mpu_process_groups()
 
 
 def destroy_parallel() -> None:

@@ -15,8 +15,9 @@ from typing import Any
 
 from megatron_speech.compat.megatron_core import disarm_ddp
 from megatron_speech.data.finetune_data import LabeledSplit, eval_batches
-from megatron_speech.models.wav2vec2.factory import build_pretraining_model, transformer_config
-from megatron_speech.models.wav2vec2.heads import Wav2Vec2ForFinetuning, build_finetuning_model
+from megatron_speech.models.wav2vec2 import factory
+from megatron_speech.models.wav2vec2.factory import HeadSpec
+from megatron_speech.models.wav2vec2.heads import Wav2Vec2ForFinetuning
 from megatron_speech.tasks.metrics import primary_metric
 from megatron_speech.tasks.task import Task
 from megatron_speech.training.finetune_step import evaluate, train_step
@@ -29,12 +30,11 @@ logger = logging.getLogger("megatron_speech")
 
 def build_model(cfg, task: Task, tp: int) -> Wav2Vec2ForFinetuning:
     """The encoder (pre-training model, untrained) with the task's head, on this rank."""
-    t, p = cfg.train, cfg.parallel
-    tconfig = transformer_config(cfg.model, tp, p.sequence_parallel_enabled, t.precision, t.recompute_transformer)
-    tconfig.recompute_num_layers = t.recompute_num_layers if t.recompute_transformer == "full" else None
-    wav2vec2 = build_pretraining_model(cfg.model, tconfig, recompute_conv=t.recompute_conv)
-    return build_finetuning_model(wav2vec2, task.kind, task.num_outputs, cfg.finetune.layer_weighting,
-                                  cfg.finetune.final_dropout, cfg.model.init_std)
+    t, p, ft = cfg.train, cfg.parallel, cfg.finetune
+    return factory.build_model(cfg.model, tp=tp, sequence_parallel=p.sequence_parallel_enabled, precision=t.precision,
+                               recompute=t.recompute_transformer, recompute_num_layers=t.recompute_num_layers,
+                               recompute_conv=t.recompute_conv,
+                               head=HeadSpec(task.kind, task.num_outputs, ft.layer_weighting, ft.final_dropout))
 
 
 def build_trainer(model: Wav2Vec2ForFinetuning, cfg, frozen: bool, scheduler_steps: int = 0):

@@ -1,6 +1,14 @@
-"""Builds the wav2vec 2.0 modules from a Wav2Vec2Config: the only place that reads the config object."""
+"""Builds the wav2vec 2.0 models from a Wav2Vec2Config: the only place that reads the config object.
+
+build_model is the one way every entry point, tool, benchmark and test builds a model (pre-training, or with a
+fine-tuning head), in one call. transformer_config and build_pretraining_model are its two steps, kept public
+only until the training drivers call build_model too.
+"""
 
 from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
 
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -10,6 +18,7 @@ from megatron.core.utils import init_method_normal
 from .config import Wav2Vec2Config
 from .encoder import Wav2Vec2Encoder
 from .feature_extractor import ConvFeatureExtractor
+from .heads import Wav2Vec2ForFinetuning, build_finetuning_model
 from .layer_spec import block_spec, te_available
 from .model import Wav2Vec2ForPretraining
 from .quantizer import GumbelVectorQuantizer
@@ -17,17 +26,21 @@ from .quantizer import GumbelVectorQuantizer
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def transformer_config(
+def _transformer_config(
     cfg: Wav2Vec2Config,
     tensor_model_parallel_size: int = 1,
     sequence_parallel: bool = False,
     precision: str = "fp32",
     recompute: str = "none",
     use_te: bool | None = None,
+    recompute_num_layers: int = 1,
+    on_meta: bool = False,
 ) -> TransformerConfig:
     """megatron-core's TransformerConfig for the context network (pre-LN, GELU MLP, biases, per-token loss).
     `use_te`: whether the block will be built with Transformer Engine (default: where TE imports and CUDA is
-    present, as block_spec decides); pass the same value to build_pretraining_model."""
+    present, as block_spec decides); pass the same value to build_pretraining_model. `recompute_num_layers`: layers
+    per recomputed chunk with recompute="full". `on_meta`: the model is built on the meta device (no weights, no
+    initialization)."""
     cfg.validate()
     if use_te is None:
         use_te = te_available()
@@ -59,7 +72,8 @@ def transformer_config(
         # the losses arrive already divided by the step's global count (training/step.py): with this, neither
         # megatron's schedule (1/num_microbatches) nor its DDP (1/dp) rescales them
         calculate_per_token_loss=True,
-        use_cpu_initialization=not on_gpu,
+        use_cpu_initialization=on_meta or not on_gpu,
+        perform_initialization=not on_meta,
         # megatron's fused bias-GELU is the tanh approximation; fairseq and transformers use erf GELU (parity with
         # transformers is what the converters promise), so it stays off.
         bias_activation_fusion=False,
@@ -71,11 +85,11 @@ def transformer_config(
         gradient_accumulation_fusion=use_te,
         recompute_granularity=None if recompute == "none" else recompute,
         recompute_method="uniform" if recompute == "full" else None,
-        recompute_num_layers=1 if recompute == "full" else None,
+        recompute_num_layers=recompute_num_layers if recompute == "full" else None,
     )
 
 
-def build_pretraining_model(
+def _build_pretraining_model(
     cfg: Wav2Vec2Config,
     tconfig: TransformerConfig,
     pg_collection: ProcessGroupCollection | None = None,
@@ -130,6 +144,52 @@ def build_pretraining_model(
     return model.to(device)
 
 
+@dataclass(frozen=True)
+class HeadSpec:
+    """A fine-tuning head for build_model: kind "ctc" (num_outputs = vocabulary + blank) or "classification"
+    (num_outputs = classes); layer_weighting and final_dropout as finetune.* of the same names."""
+
+    kind: str
+    num_outputs: int
+    layer_weighting: bool = False
+    final_dropout: float = 0.0
+
+
+def build_model(
+    model_cfg: Wav2Vec2Config,
+    *,
+    tp: int = 1,
+    sequence_parallel: bool = False,
+    precision: str = "fp32",
+    recompute: str = "none",
+    recompute_num_layers: int = 1,
+    recompute_conv: bool = False,
+    head: HeadSpec | None = None,
+    use_te: bool | None = None,
+    pg_collection: ProcessGroupCollection | None = None,
+    device: torch.device | str | None = None,
+) -> Wav2Vec2ForPretraining | Wav2Vec2ForFinetuning:
+    """The model on this rank, in one call: the pre-training model, or with `head` the fine-tuning model around it.
+
+    tp / sequence_parallel / precision / recompute / recompute_num_layers / recompute_conv: the run's
+    parallel.tensor_model_parallel_size, parallel.sequence_parallel_enabled and train.* keys of the same names
+    (defaults: a TP=1 fp32 model without recompute, as tools and evaluation want). pg_collection: the process
+    groups (default: megatron's, parallel_state must be initialized; tools outside a launched job pass
+    parallel.initialize.single_rank_groups()). device: default parallel.initialize.compute_device(); "meta"
+    builds without weights (counting, planning). use_te: as transformer_config.
+    """
+    on_meta = device is not None and torch.device(device).type == "meta"
+    tconfig = _transformer_config(model_cfg, tp, sequence_parallel, precision, recompute, use_te,
+                                 recompute_num_layers=recompute_num_layers, on_meta=on_meta)
+    # the conv front-end, quantizer and head are plain torch modules: the default device puts them on meta too
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
+        model = _build_pretraining_model(model_cfg, tconfig, pg_collection, recompute_conv, use_te, device)
+        if head is None:
+            return model
+        return build_finetuning_model(model, head.kind, head.num_outputs, head.layer_weighting, head.final_dropout,
+                                      model_cfg.init_std)
+
+
 def gumbel_temperature(cfg: Wav2Vec2Config, step: int) -> float:
     """fairseq's schedule: max(max_t * decay^step, min_t), updated every step."""
     return max(cfg.gumbel_max_temperature * cfg.gumbel_temperature_decay**step, cfg.gumbel_min_temperature)
@@ -137,21 +197,7 @@ def gumbel_temperature(cfg: Wav2Vec2Config, step: int) -> float:
 
 def count_parameters(cfg: Wav2Vec2Config) -> int:
     """Parameters of the pre-training model at TP=1, counted on the meta device (no weights allocated)."""
-    tconfig = transformer_config(cfg)
-    tconfig.use_cpu_initialization = True
-    tconfig.perform_initialization = False
-    with torch.device("meta"):
-        model = build_pretraining_model(cfg, tconfig, pg_collection=_single_rank_groups(), device="meta")
+    from megatron_speech.parallel.initialize import single_rank_groups
+
+    model = build_model(cfg, pg_collection=single_rank_groups(), device="meta")
     return sum(p.numel() for p in model.parameters())
-
-
-def _single_rank_groups() -> ProcessGroupCollection:
-    """Process groups for building a model outside a launched job (counting, conversion, tests): a
-    one-process world unless one is already initialized."""
-    from megatron.core import parallel_state
-
-    from megatron_speech.parallel.initialize import initialize_parallel
-
-    if not parallel_state.model_parallel_is_initialized():
-        initialize_parallel(1)
-    return ProcessGroupCollection.use_mpu_process_groups()

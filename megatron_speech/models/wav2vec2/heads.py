@@ -82,7 +82,7 @@ class MeanPoolClassifier(_LinearHead):
 
 class Wav2Vec2ForFinetuning(MegatronModule):
     """The pre-training model's encoder (its quantizer and projections unused) + an optional layer weighting + a
-    head. Built by `build_finetuning_model`.
+    head. Built by `factory.build_model` (with a HeadSpec).
 
     Checkpoint keys: the encoder keeps exactly the pre-training model's keys and the head's are added under
     `head.` / `layer_sum.`, so a fine-tuned checkpoint also loads wherever a pre-training one does (`embed`,
@@ -184,7 +184,7 @@ def build_finetuning_model(
     final_dropout: float = 0.0,
     init_std: float = 0.02,
 ) -> Wav2Vec2ForFinetuning:
-    """Put a head on a built pre-training model (factory.build_pretraining_model; load its weights before or
+    """Put a head on a built pre-training model (factory.build_model builds it; load its weights before or
     after). kind: "ctc" (num_outputs = vocabulary + blank) or "classification" (num_outputs = classes)."""
     hidden = wav2vec2.config.hidden_size
     if kind == "ctc":

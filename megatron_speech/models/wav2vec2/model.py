@@ -49,7 +49,7 @@ class PretrainOutput:
 
 
 class Wav2Vec2ForPretraining(MegatronModule):
-    """Built by `factory.build_pretraining_model`; modules take dimensions, not the config object."""
+    """Built by `factory.build_model`; modules take dimensions, not the config object."""
 
     model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
 

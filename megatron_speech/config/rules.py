@@ -1,0 +1,71 @@
+"""Configuration rules that need two sections, or the world size: what tensor parallelism must divide, whether
+masking fits the shortest crop, recompute against the model's depth, and what fine-tuning asks of the others.
+Each returns its broken rules; Config.validate (run.py) collects them with the sections' own."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from megatron_speech.common.audio import SAMPLE_RATE
+from megatron_speech.config.engine import Problems
+from megatron_speech.config.schema import conv_layers_ok
+
+if TYPE_CHECKING:
+    from megatron_speech.config.run import Config
+
+
+def tensor_parallel_problems(cfg: Config, world_size: int | None) -> Problems:
+    """TP must divide the heads, the FFN width and the world size: checked before any process group forms
+    (DESIGN §3 Layouts). A TP below 1 is parallel's own problem (ParallelConfig.problems)."""
+    m, tp, problems = cfg.model, cfg.parallel.tensor_model_parallel_size, Problems()
+    if tp >= 1:
+        for name in ("num_attention_heads", "ffn_hidden_size"):
+            v = getattr(m, name)
+            problems.need(v % tp == 0, f"parallel.tensor_model_parallel_size={tp} must divide model.{name}={v}; "
+                                       f"pick a divisor of {v}")
+        if world_size is not None:
+            problems.need(world_size % tp == 0,
+                          f"parallel.tensor_model_parallel_size={tp} must divide the world size {world_size} "
+                          "(data-parallel size = world size / TP)")
+    return problems
+
+
+def masking_problems(cfg: Config) -> Problems:
+    """Masking must fit the shortest crop, and every TP rank needs at least one frame of it."""
+    m, d, tp, problems = cfg.model, cfg.data, cfg.parallel.tensor_model_parallel_size, Problems()
+    if conv_layers_ok(m) and d.min_sample_seconds > 0 and tp >= 1:
+        min_frames = m.num_frames(round(d.min_sample_seconds * SAMPLE_RATE))
+        problems.need(min_frames >= tp,
+                      f"data.min_sample_seconds={d.min_sample_seconds} gives {min_frames} frames, fewer than "
+                      f"parallel.tensor_model_parallel_size={tp}: every TP rank needs at least one frame")
+        span = m.mask_length_frames
+        problems.need(m.mask_min_masks * span < min_frames,
+                      f"model.mask_min_masks={m.mask_min_masks} spans of {span} frames "
+                      f"(model.mask_length / mask_length_ms) cover the whole shortest crop of {min_frames} frames "
+                      f"(data.min_sample_seconds={d.min_sample_seconds}): shorten the spans or raise "
+                      "min_sample_seconds")
+    return problems
+
+
+def recompute_problems(cfg: Config) -> Problems:
+    """Full recompute's chunk must fit the model's depth."""
+    m, t, problems = cfg.model, cfg.train, Problems()
+    if t.recompute_transformer == "full":
+        problems.need(1 <= t.recompute_num_layers <= m.num_layers,
+                      f"train.recompute_num_layers={t.recompute_num_layers} must be in [1, model.num_layers="
+                      f"{m.num_layers}] with train.recompute_transformer='full'")
+    return problems
+
+
+def finetune_problems(cfg: Config) -> Problems:
+    """What a fine-tuning run (finetune.task set) asks of the model, data and train sections."""
+    ft, m, d, t, problems = cfg.finetune, cfg.model, cfg.data, cfg.train, Problems()
+    if ft.task == "none":
+        return problems
+    problems.need(ft.mask_channel_length <= m.hidden_size,
+                  f"finetune.mask_channel_length={ft.mask_channel_length} must be <= model.hidden_size={m.hidden_size}")
+    problems.need(not d.speed_perturb, f"data.speed_perturb={d.speed_perturb}: fine-tuning never crops labeled "
+                                       "audio, and speed perturbation would; set data.speed_perturb=[]")
+    problems.need(t.perplexity_floor_evals == 0, "train.perplexity_floor_evals must be 0 when fine-tuning (the "
+                                                 "quantizer is not used)")
+    return problems
