@@ -37,7 +37,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 unset RANK WORLD_SIZE LOCAL_RANK MASTER_ADDR MASTER_PORT
 
 if [[ ${DRY_RUN:-1} == 1 ]]; then
-    "$PYTHON" -m megatron_speech.training.dry_run --config "$config" --world-size "$nproc" "$@"
+    "$PYTHON" -m megatron_speech.dry_run --config "$config" --world-size "$nproc" "$@"
 fi
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$nproc" \
     -m megatron_speech.pretrain --config "$config" "$@"

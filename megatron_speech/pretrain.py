@@ -24,12 +24,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_speech import dry_run
 from megatron_speech.checkpoint.checkpointing import resume_step
 from megatron_speech.checkpoint.model_io import load_model_weights
 from megatron_speech.config import format_help, load_config, parse_cli
 from megatron_speech.data.loader import build_eval_loader, build_pretrain_loader
 from megatron_speech.models.wav2vec2.factory import build_model, gumbel_temperature
-from megatron_speech.training import dry_run
 from megatron_speech.training.driver import run_training
 from megatron_speech.training.ema import EMA
 from megatron_speech.training.loop import Loop, TrainUnit, restore
@@ -79,7 +79,7 @@ class PretrainUnit(TrainUnit):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "--dry-run" in argv:  # check + estimate only: no process group, no model (training/dry_run.py)
+    if "--dry-run" in argv:  # check + estimate only: no process group, no model (dry_run.py)
         return dry_run.main(argv)
     path, overrides, want_help = parse_cli(argv)
     cfg = load_config(path, overrides)

@@ -5,7 +5,8 @@ split) checked against the real model."""
 from __future__ import annotations
 
 from megatron_speech.config import load_config
-from megatron_speech.training.dry_run import checkpoint_bytes, format_plan, largest_tensor, make_plan
+from megatron_speech.dry_run import format_plan, make_plan
+from megatron_speech.models.wav2vec2.memory import checkpoint_bytes, largest_tensor
 from tests.dist import run_ranks
 from tests.fixtures import ROOT
 

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from megatron_speech.config import load_config
 from megatron_speech.models.wav2vec2.flops import expected_masked_frames, flops_per_audio_second, forward_flops
-from megatron_speech.training.dry_run import activation_bytes, parameter_counts
+from megatron_speech.models.wav2vec2.memory import activation_bytes, parameter_counts
 from tests.dist import run_ranks
 from tests.fixtures import ROOT, synthetic_batch
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from megatron_speech.config import load_config
-from megatron_speech.training.dry_run import format_plan, make_plan, model_state_bytes, parameter_counts, split_args
+from megatron_speech.dry_run import format_plan, make_plan, model_state_bytes, parameter_counts, split_args
 from tests.fixtures import ROOT, write_split
 
 SCRIPTS = ["launch/pretrain_xl_4x8.sbatch", "launch/finetune.sbatch", "launch/preprocess.sbatch", "launch/local.sh",
@@ -102,7 +102,7 @@ if [[ $1 == show && $2 == hostnames ]]; then echo node-a; echo node-b; fi
 FAKE_PYTHON = """#!/usr/bin/env bash
 echo "python $*" >> "$FAKE_LOG"
 echo "env RANK=${RANK-unset} WORLD_SIZE=${WORLD_SIZE-unset} LOCAL_RANK=${LOCAL_RANK-unset}" >> "$FAKE_LOG"
-if [[ $* == *training.dry_run* || $* == *--dry-run* ]]; then exit "${FAKE_DRY_RC:-0}"; fi
+if [[ $* == *megatron_speech.dry_run* || $* == *--dry-run* ]]; then exit "${FAKE_DRY_RC:-0}"; fi
 if [[ -n ${FAKE_WAIT_SIGNAL:-} ]]; then
     trap 'echo "python got USR1" >> "$FAKE_LOG"; exit 75' USR1
     trap 'echo "python got TERM" >> "$FAKE_LOG"; exit 143' TERM
@@ -146,7 +146,7 @@ def test_done_runs_dry_run_then_training_once(fakes):
     lines = calls(log)
     dry = [c for c in lines if c.startswith("python") and "dry_run" in c]
     train = [c for c in lines if c.startswith("python") and "megatron_speech.pretrain" in c]
-    assert dry == ["python -m megatron_speech.training.dry_run --config configs/xl.yaml "
+    assert dry == ["python -m megatron_speech.dry_run --config configs/xl.yaml "
                    "train.save_dir=/shared/runs/x data.prefix=/d/en --world-size 32"]
     assert train == ["python -m megatron_speech.pretrain --config configs/xl.yaml train.save_dir=/shared/runs/x "
                      "data.prefix=/d/en"]
@@ -393,7 +393,7 @@ def test_dry_run_cli_through_the_driver(shards):
 def test_dry_run_module_imports_no_torch(shards):
     code = textwrap.dedent(f"""
         import sys
-        from megatron_speech.training import dry_run
+        from megatron_speech import dry_run
         rc = dry_run.main(["--config", "configs/tiny.yaml", "--world-size", "2", "data.prefix={shards}"])
         assert rc == 0, rc
         # a problem: exit status 2 and the key named
