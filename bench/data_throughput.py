@@ -82,7 +82,8 @@ def bench_preprocess(num_files: int = 48, seconds: float = 8.0, workers: int | N
 def bench_loader(args: argparse.Namespace) -> list[dict]:
     """Loader speed (audio-seconds/s, per worker, with and without augmentation) over --prefix, or over shards
     packed here from a generated corpus. Compare with what one A100 consumes at 45% MFU: ~1,200 audio-s/s."""
-    from megatron_speech.data.bench import bench_loader as run
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: bench/ is its package
+    from bench.loader_throughput import bench_loader as run
 
     with tempfile.TemporaryDirectory(dir=args.keep) as tmp:
         prefix = args.prefix

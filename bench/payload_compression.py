@@ -54,9 +54,11 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from megatron_speech.common.audio import SAMPLE_RATE
-from megatron_speech.data.augment import SPEED_MARGIN, Augmenter, list_noise_files
-from megatron_speech.data.demo_corpus import ESPEAK_VOICES, FLITE_VOICES, LEXICON, NOISE_FLOOR_RMS, VARIANTS
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tools/ and bench/ are its packages
+
+from megatron_speech.common.audio import SAMPLE_RATE  # noqa: E402
+from megatron_speech.data.augment import SPEED_MARGIN, Augmenter, list_noise_files  # noqa: E402
+from tools.demo_corpus import ESPEAK_VOICES, FLITE_VOICES, LEXICON, NOISE_FLOOR_RMS, VARIANTS  # noqa: E402
 
 SR = SAMPLE_RATE
 INT16_MB_PER_HOUR = 2 * SR * 3600 / 1e6  # 115.2

@@ -76,7 +76,7 @@ def test_peak_table_and_batch_shape():
 
 def test_payload_compression_bench_quick(tmp_path):
     """bench/payload_compression.py --quick (a few seconds): both tables, sane ratios and rates."""
-    from megatron_speech.data.demo_corpus import check_tools
+    from tools.demo_corpus import check_tools
 
     if check_tools():
         pytest.skip(f"not installed: {', '.join(check_tools())} (apt-get install espeak-ng flite sox)")

@@ -475,7 +475,7 @@ def test_fine_tuning_collate_pads_with_masks():
 
 
 def test_bench_loader_reports_throughput(corpus):
-    from megatron_speech.data.bench import bench_loader, format_results
+    from bench.loader_throughput import bench_loader, format_results
 
     results = bench_loader(corpus["prefix"], num_workers=(0,), noise_dir=corpus["noise_dir"], seconds=0.2,
                            data_cfg=data_cfg(corpus), model_cfg=MODEL)

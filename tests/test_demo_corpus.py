@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from megatron_speech.data import demo_corpus
+from tools import demo_corpus
 
 SCALE = 0.05
 MISSING = demo_corpus.check_tools()

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from megatron_speech.data.demo_corpus import MissingToolsError, build_demo_corpus, format_summary
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tools/ and bench/ are its packages
+
+from tools.demo_corpus import MissingToolsError, build_demo_corpus, format_summary  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
