@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from megatron_speech.data.preprocess import decode_file, preprocess
+from megatron_speech.preprocess import decode_file, preprocess
 
 _FORMATS = (("wav", "WAV", "PCM_16"), ("flac", "FLAC", "PCM_16"), ("wav", "WAV", "FLOAT"), ("ogg", "OGG", "VORBIS"))
 _RATES = (8000, 16000, 22050, 44100, 48000)
@@ -60,7 +60,7 @@ def bench_preprocess(num_files: int = 48, seconds: float = 8.0, workers: int | N
             decode_file(path, 0)
         decode_cpu = time.process_time() - cpu0
 
-        from megatron_speech.data.preprocess import _builder_class
+        from megatron_speech.preprocess import _builder_class
 
         _builder_class()  # import megatron-core now, outside the timed run
         summary = preprocess(str(src), str(Path(tmp) / "out" / "bench"), workers=workers, valid_fraction=0.01,

@@ -194,7 +194,7 @@ def make_utterances(tmp: str, kinds: list[str], lengths: list[float], clips: lis
 
 def audio_dir_utterances(folder: str, max_files: int) -> list[np.ndarray]:
     """Files of a folder as preprocessing would store them (mono, 16 kHz, int16), at most max_files."""
-    from megatron_speech.data.preprocess import Kept, decode_file
+    from megatron_speech.preprocess import Kept, decode_file
 
     utts = []
     for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):

@@ -19,8 +19,8 @@ import torch
 
 def load_waveform(path: str, normalize: bool, eps: float) -> torch.Tensor:
     """[1, T] float32 at 16 kHz, as the trainer sees it (before augmentation)."""
+    from megatron_speech.data.audio_io import Kept, decode_file
     from megatron_speech.data.augment import normalize as normalize_fn
-    from megatron_speech.data.preprocess import Kept, decode_file
 
     decoded = decode_file(path, min_samples=400)
     if not isinstance(decoded, Kept):

@@ -18,7 +18,7 @@ import pytest
 import soundfile as sf
 import soxr
 
-from megatron_speech.data.preprocess import list_inputs, preprocess
+from megatron_speech.preprocess import list_inputs, preprocess
 
 CV_HEADER = ("client_id", "path", "sentence_id", "sentence", "sentence_domain", "up_votes", "down_votes", "age",
              "gender", "accents", "variant", "locale", "segment")

@@ -1,4 +1,4 @@
-"""tools/preprocess_audio.py and megatron_speech.data.preprocess: messy inputs, exact output, resume after SIGKILL.
+"""tools/preprocess_audio.py and megatron_speech.preprocess: messy inputs, exact output, resume after SIGKILL.
 
 Every audio file here is generated in the test (numpy + soundfile), plus the odd WAV files scipy's wheel ships.
 """
@@ -20,7 +20,7 @@ import pytest
 import soundfile as sf
 import soxr
 
-from megatron_speech.data.preprocess import (
+from megatron_speech.preprocess import (
     OUTPUT_KEYS,
     REJECT_REASONS,
     Kept,

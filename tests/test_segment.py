@@ -1,4 +1,4 @@
-"""Long recordings cut into segments (megatron_speech/data/segment.py, preprocess's max_segment_seconds) and
+"""Long recordings cut into segments (megatron_speech/preprocess/segment.py, preprocess's max_segment_seconds) and
 preprocessing in parts (--part I/N): bounded segments cut at pauses whose audio adds up bit-exactly to the uncut
 decode, labeled inputs never cut, byte-identical resume after a crash between two segments of one input, and parts
 whose union is the single run. Every recording is synthesized here: speech-like bursts separated by pauses."""
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from megatron_speech.data import preprocess as pp
-from megatron_speech.data.preprocess import is_valid, preprocess
+from megatron_speech import preprocess as pp
+from megatron_speech.preprocess import is_valid, preprocess
 from tests.fixtures import output_bytes
 from tests.test_preprocess import TOOL, load_shard, read_jsonl
 
@@ -132,7 +132,7 @@ def test_labeled_input_is_never_cut_and_segments_share_their_parents_split(tmp_p
 
 
 def test_cut_offsets_bounds_and_tail():
-    from megatron_speech.data.segment import cut_offsets
+    from megatron_speech.preprocess.segment import cut_offsets
 
     rng = np.random.default_rng(0)
     for _ in range(300):

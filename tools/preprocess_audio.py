@@ -10,7 +10,7 @@ where the last checkpoint left off and writes the same bytes as an uninterrupted
 Unlabeled recordings longer than --max-segment-seconds are cut at pauses into segments ("{id}@{offset}" rows).
 --part I/N processes part I of N into PREFIX_partIIII (a Slurm array runs one per task: launch/preprocess.sbatch);
 train on all parts with data.prefix='PREFIX_part*'.
-Formats, reject reasons, segments, parts and the resume design: megatron_speech/data/preprocess.py.
+Formats, reject reasons, segments, parts and the resume design: megatron_speech/preprocess/ (its package docstring).
 Exit codes: 0 done (or an empty part), 1 nothing kept, 2 bad arguments or input, 130 interrupted (progress saved).
 """
 
@@ -20,7 +20,7 @@ import argparse
 import os
 import sys
 
-from megatron_speech.data.preprocess import (
+from megatron_speech.preprocess import (
     REJECT_REASONS,
     PreprocessInterrupted,
     part_prefix,

@@ -72,7 +72,7 @@ def expand_prefixes(prefix: str | Sequence[str], split: str) -> list[str]:
 
 
 def _check_parts_complete(pattern: str, found: list[str]) -> None:
-    from megatron_speech.data.preprocess import part_prefix, parts_status
+    from megatron_speech.data.parts import part_prefix, parts_status
 
     runs: set[tuple[str, int]] = set()  # (the run's output prefix, its number of parts)
     for prefix in found:

@@ -64,7 +64,8 @@ class DecodedFiles:
     labels). Files that fail to decode are listed in `rejects` (id, reason), never silently dropped."""
 
     def __init__(self, manifest: str, min_samples: int) -> None:
-        from megatron_speech.data.preprocess import Kept, decode_file, list_inputs
+        from megatron_speech.data.audio_io import Kept, decode_file
+        from megatron_speech.data.inputs import list_inputs
 
         _, items = list_inputs(manifest)
         self._audio: list[np.ndarray] = []

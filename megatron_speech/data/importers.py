@@ -44,7 +44,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from megatron_speech.data.preprocess import OUTPUT_KEYS, InputItem
+from megatron_speech.data.inputs import OUTPUT_KEYS, InputItem
 
 PATH_COLUMNS = ("path", "audio_filepath", "audio_path", "audio_file", "audio", "file_name", "filename", "file",
                 "filepath", "wav")

@@ -25,6 +25,8 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -75,14 +77,17 @@ def _is_complete(prefix: str) -> bool:
         return False
 
 
+_PACK_CODE = ("import sys; from megatron_speech.preprocess import preprocess; "
+              "preprocess(sys.argv[1], sys.argv[2], workers=int(sys.argv[3]), valid_fraction=0.0, min_seconds=0.0, "
+              "max_segment_seconds=0.0, progress=False, log=lambda message: None)")
+
+
 def _pack(folder: str, log=logger.info) -> str:
     """Pack a MUSAN folder into FOLDER/.packed/<fingerprint>/musan (once, under a lock); returns the prefix.
 
     The pack's folder is named by the fingerprint of the noise files: a changed folder gets a new pack beside the
     old one, which jobs still running keep reading (never deleted here: remove old packs by hand). A complete pack
     is used without taking the lock, so read-only folders and other users' packs work."""
-    from megatron_speech.data.preprocess import preprocess  # the preprocessing tool's own code
-
     fingerprint, entries = _listing(folder)
     prefix = os.path.join(folder, PACKED_DIR, fingerprint, "musan")
     if _is_complete(prefix):
@@ -106,8 +111,15 @@ def _pack(folder: str, log=logger.info) -> str:
             inputs = prefix + ".inputs.jsonl"  # exactly the noise files, named by their path below the folder
             with open(inputs, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps({"path": path, "id": uid}) + "\n" for path, uid in entries)
-            preprocess(inputs, prefix, workers=0 if len(entries) < 64 else min(8, len(os.sched_getaffinity(0))),
-                       valid_fraction=0.0, min_seconds=0.0, max_segment_seconds=0.0, progress=False, log=log)
+            # The preprocessing tool's own writer, in a process of its own: it installs its signal handlers and
+            # worker pool there, not in a training process (and data/ does not import megatron_speech.preprocess,
+            # which imports data/).
+            workers = 0 if len(entries) < 64 else min(8, len(os.sched_getaffinity(0)))
+            proc = subprocess.run([sys.executable, "-c", _PACK_CODE, inputs, prefix, str(workers)],
+                                  capture_output=True, text=True)
+            if proc.returncode:
+                raise RuntimeError(f"data.noise_dir={folder!r}: packing it into {prefix} failed (exit "
+                                   f"{proc.returncode}): {proc.stderr.strip()[-2000:]}; {how}")
     finally:
         os.close(fd)
     return prefix
