@@ -33,7 +33,6 @@ from megatron_speech.models.wav2vec2.flops import (
     per_rank_training_flops,
 )
 from megatron_speech.models.wav2vec2.memory import (
-    GIB,
     activation_bytes,
     checkpoint_bytes,
     largest_tensor,
@@ -41,6 +40,7 @@ from megatron_speech.models.wav2vec2.memory import (
     parameter_counts,
 )
 
+GIB = 1024**3
 A100_PEAK_FLOPS = 312e12
 """A100 dense bf16/fp16 tensor-core peak (DESIGN §10)."""
 TARGET_MFU = 0.45
