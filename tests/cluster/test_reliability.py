@@ -23,11 +23,8 @@ import torch
 
 from megatron_speech.checkpoint.checkpointing import checkpoint_dir, latest_step
 from megatron_speech.checkpoint.integrity import MANIFEST, verify_checkpoint
-from tests import test_pretrain
 from tests.fixtures import ROOT
-from tests.test_pretrain import metrics, torchrun
-
-shards = test_pretrain.shards  # its module-scoped fixture: synthetic tonal audio, train and valid splits
+from tests.runs import metrics, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +33,7 @@ def figure(name: str, text: str) -> None:
 
 
 class Launch(subprocess.Popen):
-    """torchrun as tests/test_pretrain.torchrun starts it, but with its output in a file: a SIGKILLed worker's
+    """torchrun as tests/runs.torchrun starts it, but with its output in a file: a SIGKILLed worker's
     multiprocessing manager (megatron's checkpoint writer starts one) outlives it, holding any pipe open."""
 
     log: Path

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures import ROOT
-from tests.test_finetune import synthetic_corpus, synthetic_test_files
+from tests.fixtures import ROOT, synthetic_corpus, synthetic_test_files
 
 pytestmark = pytest.mark.slow
 

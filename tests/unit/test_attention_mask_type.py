@@ -57,12 +57,12 @@ def test_pretraining_forward_calls_attention_without_a_mask_type(te_like_attenti
 def test_finetuning_forward_calls_attention_with_padding(te_like_attention):
     from megatron_speech.models.wav2vec2.factory import _single_rank_groups, build_pretraining_model, transformer_config
     from megatron_speech.models.wav2vec2.heads import build_finetuning_model
-    from tests.test_finetune import _padded_pair
+    from tests.fixtures import padded_pair
 
     cfg = tiny_config(dropout=0.0)
     wav2vec2 = build_pretraining_model(cfg.model, transformer_config(cfg.model), _single_rank_groups())
     model = build_finetuning_model(wav2vec2, "ctc", 7, False)
-    wave, padding, alone = _padded_pair(cfg)
+    wave, padding, alone = padded_pair(cfg)
     model(wave, padding_mask=padding)
     assert te_like_attention.seen == [AttnMaskType.padding] * cfg.model.num_layers
     te_like_attention.seen = []
