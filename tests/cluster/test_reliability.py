@@ -1,7 +1,7 @@
 """Reliability drills that need the real driver under torchrun (2 CPU processes): a dead and a stuck rank, a disk
 that fills during a save, a damaged latest checkpoint on automatic resume, and a preemption storm. Slow (each
 torchrun start costs 6-8 s here), still run in CI. docs/reliability.md lists the figures these tests print
-(`pytest -s tests/test_reliability*.py`: the lines starting with FIGURE)."""
+(`pytest -s tests/cluster/test_reliability*.py`: the lines starting with FIGURE)."""
 
 from __future__ import annotations
 

@@ -126,7 +126,7 @@ def test_padded_batches_budget_frames_and_targets(tmp_path):
 
 
 def test_finetune_workers_survive_slurm_signals(tmp_path):
-    """As pre-training's loader (tests/test_data_loader.py): Slurm's USR1/TERM reach every process of the step, and
+    """As pre-training's loader (tests/unit/test_data_loader.py): Slurm's USR1/TERM reach every process of the step, and
     a dead worker would make torch raise in the training process before it saved."""
     from megatron_speech.data.finetune_data import build_finetune_loader, labeled_split
     from megatron_speech.finetune import load_finetune_config
