@@ -1,10 +1,11 @@
-# The README's two commands: `make demo` and `make test`. Both do all set-up from a fresh clone.
+# The README's commands: `make demo`, `make test` (all tests; what CI runs) and `make test-fast` (the unit tests).
+# All do the set-up from a fresh clone.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup sysdeps test demo demo-all lint clean
+.PHONY: setup sysdeps test test-fast demo demo-all lint clean
 
 setup: $(STAMP)
 
@@ -36,8 +37,17 @@ sysdeps:
 		echo "missing Debian packages; run as root: apt-get install $(SYSDEPS) $(SYSDEPS_OPTIONAL)"; \
 	fi
 
+# pytest-xdist: TEST_WORKERS processes (a fixed 2, not `auto`: a CPU quota is not what the process sees); a module
+# with a module-scoped fixture stays on one worker (tests/conftest.py). The 20 slowest tests are listed at the end.
+TEST_WORKERS ?= 2
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup
+
 test: $(STAMP) sysdeps
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests
+	$(PYTEST) --durations=20 tests
+
+# tests/unit only: in-process tests and single tool runs, a few minutes on 2 cores
+test-fast: $(STAMP) sysdeps
+	$(PYTEST) tests/unit
 
 demo: $(STAMP) sysdeps
 	OMP_NUM_THREADS=1 $(PY) tools/demo.py --out demo

@@ -19,8 +19,9 @@ from megatron_speech.config import (
     load_config,
     parse_cli,
 )
+from tests.fixtures import ROOT
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = ROOT / "configs"
 PRESETS = ["tiny", "base", "xl"]
 
 

@@ -22,9 +22,9 @@ def _train_tp2(rank, world, save_dir):
     from megatron_speech.checkpoint.checkpointing import save_checkpoint
     from megatron_speech.config import config_to_dict
     from megatron_speech.training.step import train_step
-    from tests.test_checkpoint import _setup
+    from tests.runs import setup_training
 
-    cfg, model, ddp, opt, sched, ema, _, _ = _setup(2)  # TP=2, DP=1, EMA on
+    cfg, model, ddp, opt, sched, ema, _, _ = setup_training(2)  # TP=2, DP=1, EMA on
     for step in (1, 2, 3):
         train_step(ddp, opt, global_batch(cfg.model, step))
         sched.step(1)

@@ -119,7 +119,7 @@ def test_fp16_pretraining_step_matches_fp32():
 @pytest.mark.parametrize("task_name,label_key,scale",
                          [("speaker", "speaker", 2.0**16), ("phoneme", "phonemes", 2.0**12)])
 def test_fp16_finetuning_step_matches_fp32(tmp_path, task_name, label_key, scale):
-    from tests.test_finetune import synthetic_corpus
+    from tests.fixtures import synthetic_corpus
 
     prefix = synthetic_corpus(tmp_path, num_train=12, num_valid=4)
     results = run_ranks(_finetune_pair, 1, prefix, task_name, label_key, f"train.initial_loss_scale={scale}",

@@ -10,10 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests import test_pretrain
 from tests.dist import run_ranks
-
-shards = test_pretrain.shards  # its module-scoped fixture: synthetic tonal audio, train and valid splits
 
 pytestmark = pytest.mark.slow
 

@@ -33,11 +33,11 @@ def _write_damage_and_resume(rank: int, world: int, save_dir: str):
     import torch.distributed as dist
 
     from megatron_speech.checkpoint.checkpointing import load_checkpoint, save_checkpoint
-    from tests.test_checkpoint import _setup, _step
+    from tests.runs import setup_training, train_one_step
 
-    cfg, model, ddp, opt, sched, ema, dp_rank, dp = _setup(1)  # TP=1, DP=2: both ranks write shards
+    cfg, model, ddp, opt, sched, ema, dp_rank, dp = setup_training(1)  # TP=1, DP=2: both ranks write shards
     for step in (1, 2, 3, 4):
-        _step(cfg, ddp, opt, sched, ema, step, dp_rank, dp)
+        train_one_step(cfg, ddp, opt, sched, ema, step, dp_rank, dp)
         if step % 2 == 0:
             save_checkpoint(save_dir, step, ddp, opt, sched, ema, {"consumed": step}, keep_last=2)
     started = time.perf_counter()
@@ -159,9 +159,9 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, ckpt):
 
 def _resume_counting_reads(rank: int, world: int, save_dir: str):
     from megatron_speech.checkpoint.checkpointing import load_checkpoint
-    from tests.test_checkpoint import _setup
+    from tests.runs import setup_training
 
-    cfg, model, ddp, opt, sched, ema, _, _ = _setup(1)  # TP=1, DP=2: the layout that wrote it
+    cfg, model, ddp, opt, sched, ema, _, _ = setup_training(1)  # TP=1, DP=2: the layout that wrote it
     hashed = []
     digest = integrity.file_digest
 

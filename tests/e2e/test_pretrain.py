@@ -8,39 +8,14 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.fixtures import ROOT, write_tone_shards
+from tests.fixtures import ROOT
+from tests.runs import metrics, torchrun
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """Synthetic tonal audio (learnable structure), a train and a valid split."""
-    return write_tone_shards(tmp_path_factory.mktemp("shards"), 48, 8)
-
-
-def torchrun(nproc: int, save_dir: Path, *overrides: str, wait: bool = True):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m",
-           "megatron_speech.pretrain", "--config", "configs/tiny.yaml", f"train.save_dir={save_dir}", *overrides]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if not wait:
-        return proc
-    out, _ = proc.communicate(timeout=600)
-    return proc.returncode, out
-
-
-def metrics(save_dir: Path, split: str = "train") -> dict[int, dict]:
-    path = save_dir / "metrics.jsonl"
-    if not path.exists():
-        return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {r["step"]: r for r in rows if r["split"] == split}
 
 
 @pytest.mark.parametrize("layout", [["parallel.tensor_model_parallel_size=2"], ["train.num_micro_batches=2"]],

@@ -29,25 +29,8 @@ from megatron_speech.preprocess import (
     decode_file,
     preprocess,
 )
-from tests.fixtures import output_bytes
-
-REPO = Path(__file__).resolve().parent.parent
-TOOL = REPO / "tools" / "preprocess_audio.py"
-
-
-def _tone(seconds: float, rate: int, channels: int, seed: int, amplitude: float = 0.3) -> np.ndarray:
-    """A distinct, band-limited test signal [frames, channels] float32 (a chirp plus faint noise)."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * rate)) / rate
-    f0 = 110 + 37 * seed
-    x = np.stack([np.sin(2 * np.pi * (f0 * (c + 1)) * t + 0.5 * t * t * 200) for c in range(channels)], axis=1)
-    x = amplitude * x + 0.01 * rng.standard_normal(x.shape)
-    return x.astype(np.float32)
-
-
-def _write(path: Path, x: np.ndarray, rate: int, fmt: str, subtype: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), x, rate, format=fmt, subtype=subtype)
+from tests.audio_files import TOOL, load_shard, read_jsonl, tone, write_audio
+from tests.fixtures import ROOT, output_bytes
 
 
 def _can_write(fmt: str, subtype: str, tmp: Path) -> bool:
@@ -85,16 +68,16 @@ def make_messy_folder(root: Path) -> dict[str, set[str | None]]:
     for seed, (rel, rate, ch, sec, fmt, sub) in enumerate(good):
         if not _can_write(fmt, sub, root.parent):
             continue
-        _write(root / rel, _tone(sec, rate, ch, seed), rate, fmt, sub)
+        write_audio(root / rel, tone(sec, rate, ch, seed), rate, fmt, sub)
         expect[rel] = kept
     # Content decides, not the name: a WAV called .flac, and a file without an extension.
-    _write(root / "really_a_wav.flac", _tone(0.5, 16000, 1, 40), 16000, "WAV", "PCM_16")
-    _write(root / "no_extension", _tone(0.5, 22050, 1, 41), 22050, "FLAC", "PCM_16")
+    write_audio(root / "really_a_wav.flac", tone(0.5, 16000, 1, 40), 16000, "WAV", "PCM_16")
+    write_audio(root / "no_extension", tone(0.5, 22050, 1, 41), 22050, "FLAC", "PCM_16")
     os.rename(root / "no_extension", root / "noext")
     expect.update({"really_a_wav.flac": kept, "noext": kept})
     # Loud: a square wave at full scale is kept with a "clipped" warning.
-    square = np.sign(_tone(0.5, 16000, 1, 42)).astype(np.float32)
-    _write(root / "clipped.wav", square, 16000, "WAV", "PCM_16")
+    square = np.sign(tone(0.5, 16000, 1, 42)).astype(np.float32)
+    write_audio(root / "clipped.wav", square, 16000, "WAV", "PCM_16")
     expect["clipped.wav"] = kept
     # A byte-identical copy: the later one (in sorted order) is the duplicate.
     shutil.copy(root / "speech/pcm16_8k_mono.wav", root / "speech/zz_copy.wav")
@@ -109,12 +92,12 @@ def make_messy_folder(root: Path) -> dict[str, set[str | None]]:
     (root / "broken/empty.wav").write_bytes(b"")
     (root / "broken/random.bin").write_bytes(np.random.default_rng(0).bytes(3000))
     (root / "broken/notes.txt").write_text("not audio\n" * 50)
-    nan = _tone(0.5, 16000, 1, 43)
+    nan = tone(0.5, 16000, 1, 43)
     nan[1234, 0] = np.nan
-    _write(root / "broken/nan.wav", nan, 16000, "WAV", "FLOAT")
-    _write(root / "broken/silence.wav", np.zeros((16000, 2), np.float32), 44100, "WAV", "PCM_16")
-    _write(root / "broken/dc.wav", np.full((8000, 1), 0.25, np.float32), 16000, "WAV", "PCM_16")
-    _write(root / "broken/one_frame_96k.wav", np.full((1, 1), 0.5, np.float32), 96000, "WAV", "PCM_16")
+    write_audio(root / "broken/nan.wav", nan, 16000, "WAV", "FLOAT")
+    write_audio(root / "broken/silence.wav", np.zeros((16000, 2), np.float32), 44100, "WAV", "PCM_16")
+    write_audio(root / "broken/dc.wav", np.full((8000, 1), 0.25, np.float32), 16000, "WAV", "PCM_16")
+    write_audio(root / "broken/one_frame_96k.wav", np.full((1, 1), 0.5, np.float32), 96000, "WAV", "PCM_16")
     os.symlink(root / "nowhere.wav", root / "broken/dangling.wav")
     expect.update({
         "broken/half.wav": {"truncated"}, "broken/header_only.wav": {"truncated"},
@@ -142,11 +125,6 @@ def make_messy_folder(root: Path) -> dict[str, set[str | None]]:
     return expect
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
 def reference_int16(path: str) -> np.ndarray:
     """The decode the shards must hold: soundfile float32 → mean over channels → soxr HQ to 16 kHz → int16."""
     x, rate = sf.read(path, dtype="float32", always_2d=True)
@@ -154,15 +132,6 @@ def reference_int16(path: str) -> np.ndarray:
     if rate != 16000:
         mono = soxr.resample(mono, rate, 16000, quality="HQ")
     return np.clip(np.rint(mono * np.float32(32768)), -32768, 32767).astype(np.int16)
-
-
-def load_shard(folder: Path, name: str):
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-    return IndexedDataset(str(folder / name))
 
 
 def test_messy_folder_every_file_accounted_for_and_audio_exact(tmp_path):
@@ -234,16 +203,16 @@ def _cli(input_path: Path, prefix: Path) -> subprocess.CompletedProcess:
     args = [sys.executable, str(TOOL), "--input", str(input_path), "--output-prefix", str(prefix), "--workers", "2"]
     for k, v in RESUME_ARGS.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
-    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120,
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def _kill_after(input_path: Path, prefix: Path, wait_for: str, checkpoint_seconds: float) -> None:
-    code = "import sys; from tests.test_preprocess import _run_slow; _run_slow(*sys.argv[1:])"
+    code = "import sys; from tests.unit.test_preprocess import _run_slow; _run_slow(*sys.argv[1:])"
     log = prefix.parent.parent / f"kill{checkpoint_seconds}.log"  # a file, not a pipe: orphaned workers inherit it
     with open(log, "wb") as err:
         proc = subprocess.Popen([sys.executable, "-c", code, str(input_path), str(prefix), str(checkpoint_seconds)],
-                                cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=err)
+                                cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=err)
     target = Path(f"{prefix}{wait_for}")
     deadline = time.monotonic() + 60
     while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -262,10 +231,10 @@ def test_sigkill_midway_then_rerun_gives_identical_bytes(tmp_path):
     src = tmp_path / "in"
     for i in range(44):
         rate = (8000, 16000, 22050, 44100, 48000)[i % 5]
-        _write(src / f"spk{i % 3}" / f"utt{i:02d}.wav", _tone(0.3 + 0.05 * (i % 7), rate, 1 + i % 2, i), rate,
+        write_audio(src / f"spk{i % 3}" / f"utt{i:02d}.wav", tone(0.3 + 0.05 * (i % 7), rate, 1 + i % 2, i), rate,
                "WAV", ("PCM_16", "FLOAT")[i % 2])
     (src / "spk0" / "junk.txt").write_text("not audio")
-    _write(src / "spk1" / "short.wav", _tone(0.1, 16000, 1, 99), 16000, "WAV", "PCM_16")
+    write_audio(src / "spk1" / "short.wav", tone(0.1, 16000, 1, 99), 16000, "WAV", "PCM_16")
 
     full = tmp_path / "a" / "full"  # the uninterrupted run, in this process (the resumed one runs the CLI)
     preprocess(str(src), str(full), workers=2, progress=False, **RESUME_ARGS)
@@ -301,8 +270,8 @@ def test_sigkill_midway_then_rerun_gives_identical_bytes(tmp_path):
 def test_manifest_inputs_carry_labels(tmp_path):
     audio = tmp_path / "corpus" / "audio"
     for i in range(4):
-        _write(audio / f"x{i}.wav", _tone(0.6, 22050, 1, 60 + i), 22050, "WAV", "PCM_16")
-    _write(audio / "short.wav", _tone(0.2, 16000, 1, 70), 16000, "WAV", "PCM_16")
+        write_audio(audio / f"x{i}.wav", tone(0.6, 22050, 1, 60 + i), 22050, "WAV", "PCM_16")
+    write_audio(audio / "short.wav", tone(0.2, 16000, 1, 70), 16000, "WAV", "PCM_16")
     entries = [
         {"path": "audio/x0.wav", "id": "utt0", "language": "en", "speaker": "s1", "text": "hello there",
          "phonemes": "h @ l oU D e@", "emotion_proxy": {"arousal": 0.7}},
@@ -356,7 +325,7 @@ def test_manifest_inputs_carry_labels(tmp_path):
                                              ("W64", "PCM_16", "w64"), ("WAVEX", "FLOAT", "wav")])
 def test_truncated_header_formats_are_rejected_not_kept_in_part(tmp_path, fmt, subtype, ext):
     whole = tmp_path / f"whole.{ext}"
-    _write(whole, _tone(1.0, 44100, 2, 7), 44100, fmt, subtype)
+    write_audio(whole, tone(1.0, 44100, 2, 7), 44100, fmt, subtype)
     assert isinstance(decode_file(str(whole), 0), Kept)
     data = whole.read_bytes()
     for frac in (0.3, 0.9):
@@ -368,7 +337,7 @@ def test_truncated_header_formats_are_rejected_not_kept_in_part(tmp_path, fmt, s
 
 def test_streamed_wav_with_unknown_size_is_not_truncated(tmp_path):
     path = tmp_path / "streamed.wav"
-    _write(path, _tone(0.5, 16000, 1, 8), 16000, "WAV", "PCM_16")
+    write_audio(path, tone(0.5, 16000, 1, 8), 16000, "WAV", "PCM_16")
     data = bytearray(path.read_bytes())
     data[4:8] = b"\xff\xff\xff\xff"  # what ffmpeg writes to a pipe: RIFF and data sizes unknown
     i = data.find(b"data")
@@ -387,8 +356,8 @@ def _crash_on_bomb(path: str, min_samples: int) -> Kept | Rejected:
 def test_a_file_that_kills_its_worker_is_rejected_and_the_rest_kept(tmp_path):
     src = tmp_path / "in"
     for i in range(6):  # results above a pipe's 64 KB: the other worker is blocked writing when the pool breaks
-        _write(src / f"u{i}.wav", _tone(3.0, 8000, 1, 80 + i), 8000, "WAV", "PCM_16")
-    _write(src / "u2bomb.wav", _tone(0.5, 8000, 1, 90), 8000, "WAV", "PCM_16")
+        write_audio(src / f"u{i}.wav", tone(3.0, 8000, 1, 80 + i), 8000, "WAV", "PCM_16")
+    write_audio(src / "u2bomb.wav", tone(0.5, 8000, 1, 90), 8000, "WAV", "PCM_16")
     out = tmp_path / "out" / "c"
     summary = preprocess(str(src), str(out), workers=2, valid_fraction=0.0, progress=False,
                          process_fn=_crash_on_bomb)
@@ -405,7 +374,7 @@ def _sigterm_at_third(path: str, min_samples: int) -> Kept | Rejected:
 def test_sigterm_saves_progress_and_a_rerun_finishes_identically(tmp_path):
     src = tmp_path / "in"
     for i in range(8):
-        _write(src / f"u{i:02d}.wav", _tone(0.6, 11025, 2, 100 + i), 11025, "WAV", "PCM_16")
+        write_audio(src / f"u{i:02d}.wav", tone(0.6, 11025, 2, 100 + i), 11025, "WAV", "PCM_16")
     args = {"workers": 0, "valid_fraction": 0.3, "shard_size_gb": 0.00003, "progress": False}
     ref = tmp_path / "ref" / "c"
     preprocess(str(src), str(ref), **args)

@@ -7,22 +7,16 @@ both ranks). Cases are rows of a table: layout x sequence parallelism x batch.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from tests.dist import run_ranks
-
-ROOT = Path(__file__).resolve().parents[1]
-DROPOUTS = ("dropout", "attention_dropout", "feature_proj_dropout", "feature_quantizer_dropout")
+from tests.fixtures import tiny_config
 
 
 def _config(dropout: float):
-    from megatron_speech.config import load_config
-
-    return load_config(str(ROOT / "configs/tiny.yaml"), [f"model.{k}={dropout}" for k in DROPOUTS]).model
+    return tiny_config(dropout=dropout).model
 
 
 def _batch(cfg, kind: str):
@@ -135,7 +129,7 @@ def _hf_rank(rank: int, world_size: int, sequence_parallel: bool):
     from megatron_speech.models.wav2vec2 import interop
     from megatron_speech.models.wav2vec2.factory import build_model
     from megatron_speech.parallel.initialize import initialize_parallel
-    from tests.test_hf_parity import batch, hf_negatives, random_hf_model
+    from tests.hf_reference import batch, hf_negatives, random_hf_model
 
     initialize_parallel(world_size, seed=0)
     hf, cfg = random_hf_model()

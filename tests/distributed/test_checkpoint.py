@@ -7,40 +7,7 @@ from __future__ import annotations
 import torch
 
 from tests.dist import run_ranks
-from tests.fixtures import global_batch, tiny_config
-
-
-def _setup(tp: int, distributed_optimizer: bool = True):
-    from megatron.core import parallel_state
-
-    from megatron_speech.models.wav2vec2.factory import build_model
-    from megatron_speech.parallel.initialize import initialize_parallel
-    from megatron_speech.training.ema import EMA
-    from megatron_speech.training.optim import build_optimizer, build_scheduler
-    from megatron_speech.training.parallelize import wrap_for_training
-
-    initialize_parallel(tp, seed=3)
-    cfg = tiny_config("optim.warmup_steps=1", f"parallel.use_distributed_optimizer={distributed_optimizer}",
-                      dropout=0.0)
-    model = build_model(cfg.model, tp=tp, sequence_parallel=False)
-    model.quantizer.gumbel_noise = False
-    ddp = wrap_for_training(model, use_distributed_optimizer=distributed_optimizer, overlap_grad_reduce=True)
-    opt = build_optimizer(ddp, cfg.optim, cfg.train, cfg.parallel)
-    sched = build_scheduler(opt, cfg.optim)
-    ema = EMA(model, 0.9)
-    dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    return cfg, model, ddp, opt, sched, ema, dp_rank, dp
-
-
-def _step(cfg, ddp, opt, sched, ema, step, dp_rank, dp):
-    from megatron_speech.training.step import train_step
-
-    batches = global_batch(cfg.model, step, num_micro=2)
-    mine = batches[dp_rank::dp]  # the same global batch, split over the DP ranks
-    out = train_step(ddp, opt, mine)
-    sched.step(increment=1)
-    ema.update()
-    return out["loss"]
+from tests.runs import setup_training, train_one_step
 
 
 def _snapshot(model, ema):
@@ -55,12 +22,12 @@ def _snapshot(model, ema):
 def _write(rank, world, tp, save_dir, reshardable=True):
     from megatron_speech.checkpoint.checkpointing import save_checkpoint
 
-    cfg, model, ddp, opt, sched, ema, dp_rank, dp = _setup(tp)
+    cfg, model, ddp, opt, sched, ema, dp_rank, dp = setup_training(tp)
     for step in (1, 2):
-        _step(cfg, ddp, opt, sched, ema, step, dp_rank, dp)
+        train_one_step(cfg, ddp, opt, sched, ema, step, dp_rank, dp)
     saved = _snapshot(model, ema)
     save_checkpoint(save_dir, 2, ddp, opt, sched, ema, {"consumed": 2}, keep_last=2, reshardable=reshardable)
-    loss3 = _step(cfg, ddp, opt, sched, ema, 3, dp_rank, dp)
+    loss3 = train_one_step(cfg, ddp, opt, sched, ema, 3, dp_rank, dp)
     return saved, loss3, _snapshot(model, ema), sched.get_lr(opt.param_groups[0])
 
 
@@ -69,10 +36,10 @@ def _read(rank, world, tp, save_dir, step, save_after, reshardable=True):
 
     from megatron_speech.checkpoint.checkpointing import checkpoint_dir, load_checkpoint, save_checkpoint
 
-    cfg, model, ddp, opt, sched, ema, dp_rank, dp = _setup(tp)
+    cfg, model, ddp, opt, sched, ema, dp_rank, dp = setup_training(tp)
     trainer = load_checkpoint(checkpoint_dir(save_dir, step), ddp, opt, sched, ema)
     loaded = _snapshot(model, ema)
-    loss = _step(cfg, ddp, opt, sched, ema, step + 1, dp_rank, dp)
+    loss = train_one_step(cfg, ddp, opt, sched, ema, step + 1, dp_rank, dp)
     after = _snapshot(model, ema)
     if save_after and reshardable:
         save_checkpoint(save_dir, step + 1, ddp, opt, sched, ema, {"consumed": step + 1}, reshardable=True)
@@ -125,7 +92,7 @@ def test_tp2_checkpoint_loads_at_dp2_and_back(tmp_path):
 def _read_with_plain_optimizer(rank, world, save_dir):
     from megatron_speech.checkpoint.checkpointing import checkpoint_dir, load_checkpoint
 
-    cfg, model, ddp, opt, sched, ema, _, _ = _setup(1, distributed_optimizer=False)
+    cfg, model, ddp, opt, sched, ema, _, _ = setup_training(1, distributed_optimizer=False)
     try:
         load_checkpoint(checkpoint_dir(save_dir, 2), ddp, opt, sched, ema)
     except ValueError as e:
@@ -144,7 +111,7 @@ def test_optimizer_format_mismatch_is_a_clear_error(tmp_path):
 def _read_expecting_error(rank, world, tp, save_dir, step):
     from megatron_speech.checkpoint.checkpointing import checkpoint_dir, load_checkpoint
 
-    cfg, model, ddp, opt, sched, ema, _, _ = _setup(tp)
+    cfg, model, ddp, opt, sched, ema, _, _ = setup_training(tp)
     try:
         load_checkpoint(checkpoint_dir(save_dir, step), ddp, opt, sched, ema)
     except ValueError as e:

@@ -1,14 +1,12 @@
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from megatron_speech.config import load_config
 from megatron_speech.models.wav2vec2.factory import count_parameters
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.fixtures import ROOT
 
 
 def test_xl_is_317m_and_agrees_with_transformers():

@@ -1,7 +1,7 @@
 """Reliability drills that need the real driver under torchrun (2 CPU processes): a dead and a stuck rank, a disk
 that fills during a save, a damaged latest checkpoint on automatic resume, and a preemption storm. Slow (each
 torchrun start costs 6-8 s here), still run in CI. docs/reliability.md lists the figures these tests print
-(`pytest -s tests/test_reliability*.py`: the lines starting with FIGURE)."""
+(`pytest -s tests/cluster/test_reliability*.py`: the lines starting with FIGURE)."""
 
 from __future__ import annotations
 
@@ -23,11 +23,8 @@ import torch
 
 from megatron_speech.checkpoint.checkpointing import checkpoint_dir, latest_step
 from megatron_speech.checkpoint.integrity import MANIFEST, verify_checkpoint
-from tests import test_pretrain
 from tests.fixtures import ROOT
-from tests.test_pretrain import metrics, torchrun
-
-shards = test_pretrain.shards  # its module-scoped fixture: synthetic tonal audio, train and valid splits
+from tests.runs import metrics, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +33,7 @@ def figure(name: str, text: str) -> None:
 
 
 class Launch(subprocess.Popen):
-    """torchrun as tests/test_pretrain.torchrun starts it, but with its output in a file: a SIGKILLed worker's
+    """torchrun as tests/runs.torchrun starts it, but with its output in a file: a SIGKILLed worker's
     multiprocessing manager (megatron's checkpoint writer starts one) outlives it, holding any pipe open."""
 
     log: Path

@@ -1,82 +1,19 @@
 """Fine-tuning pieces: tasks and metrics, config, padded batches, heads (padding invariance), freezing (frozen
 weights unchanged and out of the optimizer, gradients right after the rebuild), and export parity with transformers.
 
-The synthetic corpus here (`synthetic_corpus`) is shared with test_finetune_tasks.py / test_finetune_tp.py: tone
-"phonemes" p0..p5 (one frequency each), words of 1-3 of them, a speaker-specific hum and harmonic phase, and a
-prosody-style arousal proxy (pitch and tempo). Learnable by the tiny model in a few hundred steps.
+The synthetic corpus (`synthetic_corpus`, tests/fixtures.py) is shared with test_finetune_tasks.py and
+test_fp16.py.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.fixtures import ROOT, write_split
-
-SR = 16_000
-FREQS = (300.0, 520.0, 780.0, 1100.0, 1500.0, 2000.0)
-LETTERS = "abcdef"
-AROUSAL = {"low": (0.8, 1.4), "neutral": (1.0, 1.0), "high": (1.25, 0.7)}  # (pitch factor, duration factor)
-
-
-def synthetic_utterance(rng: np.random.Generator, speaker: int, arousal: str) -> tuple[np.ndarray, dict]:
-    """int16 audio at 16 kHz and its labels: phonemes, text, speaker, arousal_proxy."""
-    pitch, tempo = AROUSAL[arousal]
-    words = [[int(rng.integers(0, len(FREQS))) for _ in range(int(rng.integers(1, 4)))]
-             for _ in range(int(rng.integers(2, 4)))]
-    pieces = []
-    for w, word in enumerate(words):
-        if w:
-            pieces.append(np.zeros(int(0.06 * tempo * SR)))
-        for k in word:
-            n = int(rng.uniform(0.08, 0.11) * tempo * SR)
-            t = np.arange(n) / SR
-            f = FREQS[k] * pitch
-            envelope = np.sin(np.pi * np.arange(n) / n) ** 0.5
-            pieces.append(envelope * (np.sin(2 * np.pi * f * t) + 0.4 * np.sin(2 * np.pi * 2 * f * t + speaker)))
-    x = np.concatenate([np.zeros(1600), *pieces, np.zeros(1600)])
-    x = x + 0.3 * np.sin(2 * np.pi * (70 + 45 * speaker) * np.arange(len(x)) / SR) + 0.02 * rng.standard_normal(len(x))
-    audio = (x / np.abs(x).max() * 12000).astype(np.int16)
-    labels = {"phonemes": "  ".join(" ".join(f"p{k}" for k in w) for w in words),
-              "text": " ".join("".join(LETTERS[k] for k in w) for w in words),
-              "speaker": f"spk{speaker}", "arousal_proxy": arousal}
-    return audio, labels
-
-
-def synthetic_utterances(n: int, tag: str, seed: int) -> list[tuple[str, np.ndarray, dict]]:
-    rng = np.random.default_rng(seed)
-    names = list(AROUSAL)
-    return [(f"{tag}{i:03d}", *synthetic_utterance(rng, i % 4, names[(i // 4) % 3])) for i in range(n)]
-
-
-def synthetic_corpus(root: Path, num_train: int = 48, num_valid: int = 16) -> str:
-    """Shards PREFIX_{train,valid} (as tools/preprocess_audio.py writes them); returns PREFIX."""
-    prefix = str(root / "syn")
-    write_split(prefix, "train", synthetic_utterances(num_train, "t", 0))
-    write_split(prefix, "valid", synthetic_utterances(num_valid, "v", 1))
-    return prefix
-
-
-def synthetic_test_files(root: Path, num: int = 12) -> Path:
-    """A raw test manifest: 22.05 kHz stereo WAV files + a JSONL of {"path", labels} (decoded like preprocessing)."""
-    import soundfile
-    import soxr
-
-    audio_dir = root / "test_audio"
-    audio_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for uid, audio, labels in synthetic_utterances(num, "x", 2):
-        up = soxr.resample(audio.astype(np.float32) / 32768.0, SR, 22050)
-        soundfile.write(audio_dir / f"{uid}.wav", np.stack([up, up], axis=1), 22050, subtype="PCM_16")
-        rows.append({"path": f"test_audio/{uid}.wav", "id": uid, **labels})
-    manifest = root / "test.jsonl"
-    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return manifest
-
+from tests.fixtures import ROOT, padded_pair, synthetic_corpus
 
 # ------------------------------------------------------------------------------------------ tasks and metrics
 
@@ -189,12 +126,12 @@ def test_padded_batches_budget_frames_and_targets(tmp_path):
 
 
 def test_finetune_workers_survive_slurm_signals(tmp_path):
-    """As pre-training's loader (tests/test_data_loader.py): Slurm's USR1/TERM reach every process of the step, and
+    """As pre-training's loader (tests/unit/test_data_loader.py): Slurm's USR1/TERM reach every process of the step, and
     a dead worker would make torch raise in the training process before it saved."""
     from megatron_speech.data.finetune_data import build_finetune_loader, labeled_split
     from megatron_speech.finetune import load_finetune_config
     from megatron_speech.tasks.task import Task, collect_labels
-    from tests.test_data_loader import slurm_signals_to_children
+    from tests.runs import slurm_signals_to_children
 
     prefix = synthetic_corpus(tmp_path, num_train=20, num_valid=4)
     cfg = load_finetune_config(str(ROOT / "configs/finetune/phoneme.yaml"),
@@ -234,25 +171,11 @@ def _tiny_finetune_model(kind: str, num_outputs: int, layer_weighting: bool, dro
     return cfg, model
 
 
-def _padded_pair(cfg):
-    """Two normalized utterances (1.1 s and 0.7 s) as one padded batch, and the short one alone."""
-    from megatron_speech.data.finetune_data import collate_waveforms, frame_padding_mask
-
-    rng = np.random.default_rng(0)
-    long_, short = (rng.standard_normal(n).astype(np.float32) for n in (17_600, 11_200))
-    wave, _ = collate_waveforms([long_, short], pad=True)
-    frames = cfg.model.num_frames(wave.shape[1])
-    wave = torch.from_numpy(wave)
-    padding = torch.from_numpy(frame_padding_mask([len(long_), len(short)], frames, cfg.model.geometry))
-    alone = torch.from_numpy(short)[None]
-    return wave, padding, alone
-
-
 @pytest.mark.parametrize("kind,layer_weighting", [("ctc", False), ("classification", True)])
 def test_padding_does_not_change_an_utterances_output(kind, layer_weighting):
     cfg, model = _tiny_finetune_model(kind, 7, layer_weighting)
     model.eval()
-    wave, padding, alone = _padded_pair(cfg)
+    wave, padding, alone = padded_pair(cfg)
     with torch.no_grad():
         batched = model(wave, padding_mask=padding)[1]
         single = model(alone, padding_mask=torch.zeros(1, cfg.model.num_frames(alone.shape[1]), dtype=torch.bool))[0]
@@ -377,7 +300,7 @@ def test_ctc_export_gives_our_logits_and_decoding(tmp_path):
     path, model, task = _save_finetuned(tmp_path, "phoneme", ["p0", "p1", "p2", "p3", "p4", "p5"], False)
     out = export(str(path), str(tmp_path / "hf"), model_class="ctc")
     hf = transformers.Wav2Vec2ForCTC.from_pretrained(out).eval()
-    wave, padding, _ = _padded_pair(_tiny_finetune_model("ctc", 7, False)[0])
+    wave, padding, _ = padded_pair(_tiny_finetune_model("ctc", 7, False)[0])
     attention = torch.ones_like(wave, dtype=torch.long)
     attention[1, 11_200:] = 0
     with torch.no_grad():
@@ -402,7 +325,7 @@ def test_classification_export_with_layer_weights_gives_our_logits(tmp_path):
     out = export(str(path), str(tmp_path / "hf"), model_class="classification")
     hf = transformers.Wav2Vec2ForSequenceClassification.from_pretrained(out).eval()
     assert hf.config.use_weighted_layer_sum and hf.config.id2label[2] == "neutral"
-    wave, padding, _ = _padded_pair(_tiny_finetune_model("classification", 3, True)[0])
+    wave, padding, _ = padded_pair(_tiny_finetune_model("classification", 3, True)[0])
     attention = torch.ones_like(wave, dtype=torch.long)
     attention[1, 11_200:] = 0
     with torch.no_grad():

@@ -70,7 +70,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """Synthetic tonal audio, as in tests/test_pretrain.py."""
+    """Synthetic tonal audio, as tests/conftest.py's `shards`, fewer utterances."""
     return write_tone_shards(tmp_path_factory.mktemp("slurm_shards"), 32, 4)
 
 
@@ -217,13 +217,12 @@ def test_preprocess_array_two_parts_then_pretrain_reads_both(cluster, tmp_path):
     """launch/preprocess.sbatch as a 2-task array (one part each, long recordings cut into segments): together the
     parts hold every input exactly once, and a pre-training on `data.prefix='PREFIX_part*'` reads both."""
     from megatron_speech.data.dataset import Corpus
-    from tests.test_preprocess import _tone, _write, read_jsonl
-    from tests.test_segment import write_flac
+    from tests.audio_files import read_jsonl, tone, write_audio, write_flac
 
     workdir, env = cluster
     src = workdir / "prep_in"  # the demo corpus's shape in small: two speakers' tones, a long talk, a non-audio file
     for i in range(10):
-        _write(src / f"spk{i % 2}" / f"u{i:02d}.wav", _tone(1.5 + 0.2 * i, 22050, 1, i), 22050, "WAV", "PCM_16")
+        write_audio(src / f"spk{i % 2}" / f"u{i:02d}.wav", tone(1.5 + 0.2 * i, 22050, 1, i), 22050, "WAV", "PCM_16")
     write_flac(src / "talk.flac", 9, 5)
     (src / "notes.txt").write_text("not audio")
     inputs = {p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()}

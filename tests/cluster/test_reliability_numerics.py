@@ -10,10 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests import test_pretrain
 from tests.dist import run_ranks
-
-shards = test_pretrain.shards  # its module-scoped fixture: synthetic tonal audio, train and valid splits
+from tests.fixtures import ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +74,7 @@ def _train_rows(save_dir: Path) -> dict[int, dict]:
 
 
 def test_nan_loss_and_gradient_are_skipped_counted_then_stop_the_run(tmp_path, shards, monkeypatch):
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.chdir(ROOT)
     faults = {"nan_input": [([1], 3, 3), ([0], 8, 10**9)],  # step 3 on rank 1 only; every step from 8 on rank 0
               "nan_grad": [([0], 5, 5)]}  # a finite loss with a NaN gradient on rank 0 only
     results = run_ranks(_driver_with_faults, 2, _argv(tmp_path, shards, "train.max_steps=40",
@@ -104,7 +102,7 @@ def test_nan_loss_and_gradient_are_skipped_counted_then_stop_the_run(tmp_path, s
 
 
 def test_fp16_overflows_until_the_scale_floor_stop_naming_bf16(tmp_path, shards, monkeypatch):
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.chdir(ROOT)
     faults = {"inf_grad": [([0], 2, 10**9)]}  # every step from 2 overflows (rank 0's gradient)
     results = run_ranks(_driver_with_faults, 2, _argv(
         tmp_path, shards, "train.max_steps=40", "train.precision=fp16", "train.initial_loss_scale=4",

@@ -6,13 +6,10 @@ Small int16 IndexedDataset shards + manifests are written here in the format of 
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import itertools
 import json
 import os
-import signal
-import threading
 import time
 
 import numpy as np
@@ -31,6 +28,7 @@ from megatron_speech.data.loader import build_eval_loader, build_pretrain_loader
 from megatron_speech.data.sampler import DynamicBatchSampler, mixing_weights
 from megatron_speech.models.wav2vec2.config import Wav2Vec2Config
 from tests.fixtures import write_split
+from tests.runs import slurm_signals_to_children
 
 SR = 16_000
 MODEL = Wav2Vec2Config(hidden_size=64, num_attention_heads=4, mask_prob=0.5, mask_length=2, num_negatives=10)
@@ -372,44 +370,6 @@ def test_workers_give_the_same_batches_as_in_process(corpus):
         assert_same(in_process, take(loader, 5))
     finally:
         loader.close()
-
-
-def _spawned_children() -> list[psutil.Process]:
-    """This process's spawned multiprocessing children (DataLoader workers; not the resource tracker)."""
-    out = []
-    for child in psutil.Process().children():
-        try:
-            if "spawn_main" in " ".join(child.cmdline()):
-                out.append(child)
-        except psutil.Error:
-            pass
-    return out
-
-
-@contextlib.contextmanager
-def slurm_signals_to_children():
-    """USR1 and TERM to every spawned child of this process, every 50 ms while the block runs (Slurm signals every
-    process of the step); yields the set of pids signalled so far."""
-    done, signalled = threading.Event(), set()
-
-    def pester():
-        while not done.is_set():
-            for child in _spawned_children():
-                for sig in (signal.SIGUSR1, signal.SIGTERM):
-                    try:
-                        child.send_signal(sig)
-                        signalled.add(child.pid)
-                    except psutil.Error:
-                        pass
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=pester, daemon=True)
-    thread.start()
-    try:
-        yield signalled
-    finally:
-        done.set()
-        thread.join()
 
 
 def test_workers_survive_slurm_signals(corpus):

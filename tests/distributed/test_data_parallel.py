@@ -5,15 +5,14 @@ global batch, and so does DP=1 with gradient accumulation."""
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from tests.dist import run_ranks
+from tests.fixtures import tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
 LR = 1e-3
 # Adam divides by |g| + eps on its first step: a large eps keeps fp32 summation-order noise in tiny gradients
 # from being amplified into visible update differences.
@@ -49,15 +48,12 @@ def _rank(rank: int, world_size: int, use_distributed_optimizer: bool):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel.schedules import forward_backward_no_pipelining
 
-    from megatron_speech.config import load_config
     from megatron_speech.parallel.initialize import initialize_parallel
     from megatron_speech.training.parallelize import wrap_for_training
     from megatron_speech.training.step import agree, batch_counts, forward_step
 
     initialize_parallel(1, seed=1)
-    zero_dropout = [f"model.{k}=0.0" for k in ("dropout", "attention_dropout", "feature_proj_dropout",
-                                                 "feature_quantizer_dropout")]
-    cfg = load_config(str(ROOT / "configs/tiny.yaml"), zero_dropout).model
+    cfg = tiny_config(dropout=0.0).model
     batches = _micro_batches(cfg)
 
     # Reference: one plain process computing the whole global batch, normalized by its total masked count.
@@ -114,7 +110,6 @@ def _replica_weights(rank: int, world_size: int):
     from megatron_speech.models.wav2vec2.factory import build_model
     from megatron_speech.parallel.initialize import initialize_parallel
     from megatron_speech.training.parallelize import wrap_for_training
-    from tests.fixtures import tiny_config
 
     initialize_parallel(1, seed=1)  # seeds differ per DP rank: each replica initializes different weights
     cfg = tiny_config().model

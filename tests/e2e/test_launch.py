@@ -1,6 +1,6 @@
 """Launchers without a cluster: the sbatch scripts' decisions (requeue on 75 and only then, the restart limit,
 signal forwarding, container flags) against stand-in `srun`/`scontrol`/`python` executables; `--dry-run`; the
-Dockerfile lint; launch/local.sh for real with 2 CPU processes. The real-Slurm run is tests/test_slurm.py."""
+Dockerfile lint; launch/local.sh for real with 2 CPU processes. The real-Slurm run is tests/cluster/test_slurm.py."""
 
 from __future__ import annotations
 

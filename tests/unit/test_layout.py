@@ -6,7 +6,7 @@ import ast
 import re
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "megatron_speech"
+PACKAGE = Path(__file__).resolve().parents[2] / "megatron_speech"
 
 
 def _unit(module: str) -> str | None:

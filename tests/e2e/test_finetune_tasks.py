@@ -1,4 +1,4 @@
-"""Every task end to end through the command lines, on the synthetic corpus of test_finetune.py, from an untrained
+"""Every task end to end through the command lines, on the synthetic corpus of tests/fixtures.py, from an untrained
 tiny encoder (slow, still run in CI): each beats its trivial baseline (PER / CER below the all-blank output's 1.0,
 accuracy above the most frequent label's). The phoneme run goes through torchrun at DP=2 with the encoder frozen
 for its first steps (the optimizer rebuild under the distributed optimizer and overlapped grad reduce), then
@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures import ROOT
-from tests.test_finetune import synthetic_corpus, synthetic_test_files
+from tests.fixtures import ROOT, synthetic_corpus, synthetic_test_files
 
 pytestmark = pytest.mark.slow
 

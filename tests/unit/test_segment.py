@@ -14,36 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 
 from megatron_speech import preprocess as pp
 from megatron_speech.preprocess import is_valid, preprocess
+from tests.audio_files import RATE, TOOL, load_shard, read_jsonl, write_flac
 from tests.fixtures import output_bytes
-from tests.test_preprocess import TOOL, load_shard, read_jsonl
-
-RATE = 16_000
-
-
-def speechlike(seconds: float, seed: int) -> np.ndarray:
-    """float32 [n] at 16 kHz: noise bursts of 0.5-4 s under a syllable-rate envelope, separated by 0.15-1 s pauses
-    of faint noise (no digital silence: a cut must find the pause by its energy, not by zeros)."""
-    rng = np.random.default_rng(seed)
-    num_frames = int(seconds * 100)  # the envelope at 10 ms resolution
-    env = np.zeros(num_frames, np.float32)
-    pos = int(rng.integers(0, 50))
-    while pos < num_frames:
-        burst = int(rng.integers(50, 400))
-        t = np.arange(min(burst, num_frames - pos)) / 100
-        env[pos:pos + len(t)] = np.sqrt(np.abs(np.sin(2 * np.pi * rng.uniform(3, 5) * t)))
-        pos += burst + int(rng.integers(15, 100))
-    noise = rng.standard_normal(num_frames * 160, dtype=np.float32)
-    return (noise * (0.002 + 0.2 * np.repeat(env, 160))).clip(-1, 1)
-
-
-def write_flac(path: Path, seconds: float, seed: int) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), speechlike(seconds, seed), RATE, format="FLAC", subtype="PCM_16")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from megatron_speech.data.index import UtteranceIndex, build_index, content_dige
 from megatron_speech.data.noise import PACKED_DIR, open_noise
 from megatron_speech.data.sampler import DynamicBatchSampler
 from megatron_speech.models.wav2vec2.config import Wav2Vec2Config
-from tests.fixtures import write_split
+from tests.fixtures import ROOT, write_split
 
 SR = 16_000
 
@@ -251,7 +251,7 @@ print(int(view.astype("int64").sum()), int(labeled.astype("int64").sum()))
 def test_audio_views_outlive_their_corpus(prefix):
     """A view into a shard must keep its mapping: megatron's reader unmapped it with the dataset (a segfault)."""
     out = subprocess.run([sys.executable, "-c", _OUTLIVE, prefix], capture_output=True, text=True, timeout=120,
-                         cwd=Path(__file__).parent.parent)
+                         cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     corpus = Corpus(prefix, "train")
     assert out.stdout.split() == [str(int(corpus.read(i).astype(np.int64).sum())) for i in (3, 5)]

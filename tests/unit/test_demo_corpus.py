@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from tests.fixtures import ROOT
 from tools import demo_corpus
 
 SCALE = 0.05
@@ -219,7 +220,7 @@ def test_missing_required_tool_exits_nonzero_naming_the_packages(tmp_path, monke
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("make_demo_corpus",
-                                                  Path(__file__).parents[1] / "tools" / "make_demo_corpus.py")
+                                                  ROOT / "tools" / "make_demo_corpus.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     monkeypatch.setenv("PATH", str(tmp_path))  # no espeak-ng, flite or sox

@@ -59,11 +59,11 @@ def test_pretraining_forward_calls_attention_without_a_mask_type(te_like_attenti
 def test_finetuning_forward_calls_attention_with_padding(te_like_attention):
     from megatron_speech.models.wav2vec2.factory import HeadSpec, build_model
     from megatron_speech.parallel.initialize import single_rank_groups
-    from tests.test_finetune import _padded_pair
+    from tests.fixtures import padded_pair
 
     cfg = tiny_config(dropout=0.0)
     model = build_model(cfg.model, head=HeadSpec("ctc", 7, False), pg_collection=single_rank_groups())
-    wave, padding, alone = _padded_pair(cfg)
+    wave, padding, alone = padded_pair(cfg)
     model(wave, padding_mask=padding)
     assert te_like_attention.seen == [AttnMaskType.padding] * cfg.model.num_layers
     te_like_attention.seen = []
