@@ -6,8 +6,8 @@ bench/data_throughput.py).
 
 What is measured is the whole pre-training loader of one rank as the trainer sees it (dynamic batches, crops,
 speed perturbation, noise, normalization, masks and distractors, worker transfer), with the XL recipe's data
-and masking settings unless configs are given. Compare the per-GPU figure with what the model consumes (DESIGN
-§10: an A100 at 100% MFU would take 2,618 audio-s/s of XL): the loader must not be the bottleneck.
+and masking settings unless configs are given. Compare the per-GPU figure with what the model consumes
+(docs/design.md §10: an A100 at 100% MFU would take 2,613 audio-s/s of XL): the loader must not be the bottleneck.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """FLAC payloads instead of int16 in the shards? Bytes per audio-hour, and what decoding costs a loader worker.
 
     python bench/payload_compression.py                      # ~1.5 min (one core)
-    python bench/payload_compression.py --quick              # a few seconds (tests/test_bench.py runs it)
+    python bench/payload_compression.py --quick              # a few seconds (tests/e2e/test_bench.py runs it)
     python bench/payload_compression.py --audio-dir DIR      # also the ratio over your own audio files
     python bench/payload_compression.py --json out.json      # the figures as JSON as well
 

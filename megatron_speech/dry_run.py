@@ -42,11 +42,11 @@ from megatron_speech.models.wav2vec2.memory import (
 
 GIB = 1024**3
 A100_PEAK_FLOPS = 312e12
-"""A100 dense bf16/fp16 tensor-core peak (DESIGN §10)."""
+"""A100 dense bf16/fp16 tensor-core peak (docs/design.md §10)."""
 TARGET_MFU = 0.45
 """The project's throughput target, used to label a projected step time."""
 FLOP_REFERENCE_CROP_SECONDS = 15.0
-"""DESIGN §10 quotes FLOPs per audio-second at 15 s crops (or the longest crop, when shorter)."""
+"""docs/design.md §10 quotes FLOPs per audio-second at 15 s crops (or the longest crop, when shorter)."""
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -123,7 +123,7 @@ def train(cfg: Config, progress: dict[str, int], stop: StopSignal) -> int:
     return Loop(cfg, unit, loader, ema, monitor, stop, progress).run(step)
 
 
-if __name__ == "__main__":  # the guard dist_checkpointing's writer processes need (DESIGN §4)
+if __name__ == "__main__":  # the guard dist_checkpointing's writer processes need (docs/design.md §4)
     try:
         sys.exit(main())
     except (ValueError, FileNotFoundError) as e:  # a user's mistake: the message names the key or the file

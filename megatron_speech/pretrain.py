@@ -117,5 +117,5 @@ def train(cfg, progress: dict[str, int], stop: StopSignal) -> int:
     return Loop(cfg, unit, loader, ema, monitor, stop, progress).run(step)
 
 
-if __name__ == "__main__":  # the guard dist_checkpointing's writer processes need (DESIGN §4)
+if __name__ == "__main__":  # the guard dist_checkpointing's writer processes need (docs/design.md §4)
     sys.exit(main())

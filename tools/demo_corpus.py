@@ -1,5 +1,5 @@
 """The embedded demo corpus: offline speech synthesized with espeak-ng and flite, plus real recorded Asterisk
-prompts and music when those Debian packages are installed (DESIGN §8).
+prompts and music when those Debian packages are installed (docs/design.md §8).
 
 Layout under the output directory (every manifest "path" is relative to the directory of its manifest):
 
@@ -17,7 +17,7 @@ Everything is deterministic for a seed: all random choices are made in the paren
 carries its own noise seed, so the output does not depend on the number of worker processes. What this code writes
 (manifests, README, wav/flac, MUSAN) is byte-identical; the ogg and mp3 files come from third-party lossy
 encoders (libvorbis through `sox -R`, LAME through libsndfile) fed byte-identical PCM, which decode to the same
-audio but whose bytes are not promised (tests/test_demo_corpus.py checks exactly that).
+audio but whose bytes are not promised (tests/unit/test_demo_corpus.py checks exactly that).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ VARIANTS = MALE_VARIANTS + FEMALE_VARIANTS
 FLITE_VOICES = ("kal16", "awb", "rms", "slt")
 AROUSAL_LANGUAGES = ("en", "es", "de")
 
-NOISE_FLOOR_RMS = 1e-4  # -80 dBFS: espeak-ng/flite leave exact digital zeros between words (DESIGN §8)
+NOISE_FLOOR_RMS = 1e-4  # -80 dBFS: espeak-ng/flite leave exact digital zeros between words (docs/design.md §8)
 MUSAN_RATE = 16000
 
 # Sentences are subject + verb + object + adverbial, drawn without replacement (8**4 = 4096 per language).
@@ -485,7 +485,7 @@ def _render_star(args: tuple[Job, str]) -> dict:
 def _mono_16k(path: str) -> np.ndarray:
     samples, rate = sf.read(path, dtype="float32", always_2d=True)
     mono = samples.mean(axis=1)
-    # Resample before mixing: sources have different rates (sox refuses to mix them, DESIGN §8).
+    # Resample before mixing: sources have different rates (sox refuses to mix them, docs/design.md §8).
     return mono if rate == MUSAN_RATE else soxr.resample(mono, rate, MUSAN_RATE).astype(np.float32)
 
 
@@ -723,7 +723,7 @@ def _readme(summary: list[dict], scale: float, seed: int, asterisk: dict, has_mo
     return f"""# megatron-speech demo corpus
 
 Built offline by `python tools/make_demo_corpus.py --out DIR --scale {scale} --seed {seed}`
-(`megatron_speech/data/demo_corpus.py`). The same scale, seed and installed packages give byte-identical
+(`tools/demo_corpus.py`). The same scale, seed and installed packages give byte-identical
 manifests and wav/flac files; ogg/mp3 files are encoded from byte-identical audio and decode to the same audio.
 Total: {sum(s['files'] for s in summary)} files, {total_h:.2f} hours.
 

@@ -143,7 +143,7 @@ def disarm_ddp(ddp: Any) -> None:
     """Disarm a megatron DistributedDataParallel wrapper that a rebuild replaces (fine-tuning's unfreeze).
     megatron-core 0.16.1 registers its gradient hooks on the parameters' gradient accumulators without keeping
     handles; they stay attached, and each starts with `if param in self.param_to_bucket_group`: emptying that
-    map makes them no-ops, so the new wrapper alone handles every gradient (tests/test_finetune.py checks the
+    map makes them no-ops, so the new wrapper alone handles every gradient (tests/e2e/test_finetune.py checks the
     gradients after a rebuild). With parallel.overlap_param_gather the current weights are gathered first."""
     if getattr(ddp, "use_forward_hook", False):
         ddp.disable_forward_pre_hook(param_sync=True)

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 def tensor_parallel_problems(cfg: Config, world_size: int | None) -> Problems:
     """TP must divide the heads, the FFN width and the world size: checked before any process group forms
-    (DESIGN §3 Layouts). A TP below 1 is parallel's own problem (ParallelConfig.problems)."""
+    (docs/design.md §3 Layouts). A TP below 1 is parallel's own problem (ParallelConfig.problems)."""
     m, tp, problems = cfg.model, cfg.parallel.tensor_model_parallel_size, Problems()
     if tp >= 1:
         for name in ("num_attention_heads", "ffn_hidden_size"):

@@ -1,6 +1,6 @@
 """The run configuration's sections (data, optimizer, training loop, parallel layout, logging, fine-tuning) as
 typed dataclasses, each checking its own fields; the model section is models/wav2vec2/config.py's dataclass, whose
-checks beyond its own validate() are model_problems here. Dataclass defaults are the XL recipe (DESIGN §6).
+checks beyond its own validate() are model_problems here. Dataclass defaults are the XL recipe (docs/design.md §6).
 
 Rules that need two sections or the world size are in rules.py; the root dataclass in run.py.
 """

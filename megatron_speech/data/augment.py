@@ -1,4 +1,4 @@
-"""Per-utterance crop and augmentation, run in the DataLoader workers (DESIGN §2): random crop, speed perturbation,
+"""Per-utterance crop and augmentation, run in the DataLoader workers (docs/design.md §2): random crop, speed perturbation,
 additive MUSAN-style noise, per-utterance normalization.
 
 Every random choice comes from the generator the caller passes, which the loader keys by (seed, step, micro_step,

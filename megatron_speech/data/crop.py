@@ -1,4 +1,4 @@
-"""The crop rule that ties a micro-batch to the tensor-parallel layout (DESIGN §3, Groups and batches).
+"""The crop rule that ties a micro-batch to the tensor-parallel layout (docs/design.md §3, Groups and batches).
 
 Every utterance of a micro-batch is cropped to exactly T = stride * (F - 1) + receptive_field samples
 (ConvGeometry.num_samples), with F the largest multiple of tp for which T fits both the shortest utterance and the

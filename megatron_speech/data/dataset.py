@@ -1,11 +1,11 @@
-"""Utterances of one or more preprocessed prefixes: int16 IndexedDataset shards + their utterance index (DESIGN §2).
+"""Utterances of one or more preprocessed prefixes: int16 IndexedDataset shards + their utterance index (docs/design.md §2).
 
     corpus = Corpus(["/data/en", "/data/fr"], "train")   # every utterance, as the index lists them (pre-training)
     corpus.lengths[i], corpus.read(i, offset, count), corpus.id(i), corpus.language(i)
     shards = AudioShards(["/data/en"], "train", min_samples=32_000)   # those of at least min_samples, with labels
     shards.lengths[i], shards.read(i, offset, count), shards.id(i), shards.labels(i)
 
-Layout written by tools/preprocess_audio.py (DESIGN §11): shards `PREFIX_{split}_{NNNNN}.{bin,idx}` (one sequence per
+Layout written by tools/preprocess_audio.py (docs/design.md §11): shards `PREFIX_{split}_{NNNNN}.{bin,idx}` (one sequence per
 utterance), `PREFIX_{split}.manifest.jsonl` (one object per utterance with `shard` (the shard's path without
 extension, relative to the manifest's folder), `index` (position in that shard), `id`, `source`, `samples`,
 `orig_sample_rate`, `orig_channels`, optional `parent`/`offset` (a segment of a longer recording) and labels), and

@@ -14,7 +14,7 @@ token ids concatenated; classification: [B] class ids), "target_lengths": int64 
 
 F = the frames of the longest utterance rounded up to a multiple of tp, and T = max(longest, stride (F - 1) +
 receptive_field) (the model's ConvGeometry):
-each TP rank's time-sharded conv encoder gets whole frames (DESIGN §3), padded frames are masked out of
+each TP rank's time-sharded conv encoder gets whole frames (docs/design.md §3), padded frames are masked out of
 attention, pooling, the CTC loss and decoding, so padding never changes an utterance's result.
 
 Batches are a padded-sample budget (data.max_tokens >= B * longest), length-bucketed, in the deterministic,

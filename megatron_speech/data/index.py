@@ -1,5 +1,5 @@
 """The binary utterance index of one preprocessed split: what every rank and DataLoader worker needs about each
-utterance, memory-mapped from one file next to the manifest (DESIGN §2; issue: data at the seed's scale).
+utterance, memory-mapped from one file next to the manifest (docs/design.md §2; issue: data at the seed's scale).
 
     index = UtteranceIndex.open("data/en", "train")    # builds PREFIX_train.index from the manifest if needed
     index.lengths[i], index.shard[i], index.position[i], index.language[i], index.id(i)

@@ -1,5 +1,5 @@
 """Length-bucketed dynamic batches, language-temperature mixing, and their deterministic, resumable assignment to
-(dp_rank, micro_step) slots (DESIGN §3, Groups and batches).
+(dp_rank, micro_step) slots (docs/design.md §3, Groups and batches).
 
 One epoch, built identically on every rank from (seed, epoch):
   1. mixing (XLSR): each group l (a language, or a prefix) gets sampling weight p_l ~ (h_l / H)^alpha over its

@@ -110,7 +110,7 @@ def initialize_parallel(tensor_model_parallel_size: int = 1, seed: int = 1234, b
     parallel_state.initialize_model_parallel(tensor_model_parallel_size, 1, **minutes)
     # Offset by the DP rank: replicas must not share dropout / Gumbel noise, while the TP ranks of one replica
     # share the default generator (dropout on replicated activations must be identical across them) and
-    # megatron's tracker derives a TP-rank-specific stream for local slices (DESIGN §3, Randomness).
+    # megatron's tracker derives a TP-rank-specific stream for local slices (docs/design.md §3, Randomness).
     seed = seed + 1009 * parallel_state.get_data_parallel_rank()
     # model_parallel_cuda_manual_seed seeds the CUDA default generator with `seed`; the CPU one is what
     # dropout on CPU tensors draws from, so seed it the same way (on GPU this is harmless).

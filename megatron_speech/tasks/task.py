@@ -15,7 +15,7 @@ targets and outputs become text.
 UA = unweighted accuracy, the mean of the per-class recalls.
 
 The demo has no emotion data: it runs `emotion` on a prosody-style label, label_key=arousal_proxy, and every log
-and metrics line carries the label key so the stand-in is never reported as emotion (DESIGN §8).
+and metrics line carries the label key so the stand-in is never reported as emotion (docs/design.md §8).
 
 Text normalization for asr (`normalize_text`): Unicode NFC, lower case, every character that is not a letter, a
 digit or an apostrophe becomes a space, runs of spaces collapse. WER and CER are computed on normalized text.

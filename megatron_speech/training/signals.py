@@ -2,7 +2,7 @@
 step: the local flag rides the all-reduce that opens every step (step.agree), so no rank saves at a different step
 or waits in a collective alone.
 
-Slurm signals every process of a job step, not only the training process (DESIGN §9): DataLoader workers,
+Slurm signals every process of a job step, not only the training process (docs/design.md §9): DataLoader workers,
 megatron's checkpoint-writer Manager (spawned at the first save) and wandb's service would die of USR1/TERM, and
 the save at the signal with them. Helpers therefore start with the stop signals blocked (`stop_signals_blocked`
 around their creation: a signal mask is inherited by fork and kept across exec) and DataLoader workers also

@@ -1,4 +1,4 @@
-"""Tensor and sequence parallelism against the single-rank model (DESIGN §3, "The tests that prove it").
+"""Tensor and sequence parallelism against the single-rank model (docs/design.md §3, "The tests that prove it").
 
 Every case runs 2 spawned gloo ranks with TP=2 and compares with a TP=1 run on the same weights and batch:
 the loss (summed over TP ranks) and every gradient (TP-sharded ones gathered; the others must be identical on
@@ -86,7 +86,7 @@ def test_tp2_matches_tp1(tmp_path, sequence_parallel, kind):
 
 
 def _dropout_rank(rank: int, world_size: int, sequence_parallel: bool):
-    """Dropout and Gumbel noise on: capture what DESIGN §3 calls replicated, then take real optimizer steps."""
+    """Dropout and Gumbel noise on: capture what docs/design.md §3 calls replicated, then take real optimizer steps."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from megatron_speech.models.wav2vec2.factory import build_model

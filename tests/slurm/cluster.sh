@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A real 2-node Slurm cluster on this one host, for testing launch/*.sbatch (DESIGN §9).
+# A real 2-node Slurm cluster on this one host, for testing launch/*.sbatch (docs/design.md §9).
 #
 #   tests/slurm/cluster.sh up DIR      # munged + slurmctld + slurmd -N n1 + slurmd -N n2; prints DIR/env
 #   . DIR/env                          # exports SLURM_CONF (and the marker below) for sbatch/srun/squeue

@@ -1,4 +1,4 @@
-"""The pre-training data path: shards -> dynamic batches -> (workers) -> micro-batches (DESIGN §2, §3, §5).
+"""The pre-training data path: shards -> dynamic batches -> (workers) -> micro-batches (docs/design.md §2, §3, §5).
 
 Small int16 IndexedDataset shards + manifests are written here in the format of tools/preprocess_audio.py.
 """

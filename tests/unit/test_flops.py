@@ -34,7 +34,7 @@ def build(m, precision: str = "fp32"):
 
 
 def test_xl_matches_the_design_numbers():
-    """DESIGN §10: XL at 15 s crops, forward = conv 4.91 + transformer 30.1 + attention 3.7 + ~1.0 GFLOP per
+    """docs/design.md §10: XL at 15 s crops, forward = conv 4.91 + transformer 30.1 + attention 3.7 + ~1.0 GFLOP per
     audio-second; training ~119."""
     per_s = flops_per_audio_second(model_config("xl"), 15.0)
     assert per_s.conv / 1e9 == pytest.approx(4.91, abs=0.01)

@@ -2,7 +2,7 @@
 
 Field names follow fairseq's wav2vec2 where one exists; units are in the name or the docstring.
 Only the "stable layer norm" family is supported (layer-norm conv extractor, pre-LN transformer: XLSR-53,
-XLS-R, large-lv60): megatron-core's transformer layer is pre-LN only (DESIGN §3, Scope).
+XLS-R, large-lv60): megatron-core's transformer layer is pre-LN only (docs/design.md §3, Scope).
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ class Wav2Vec2Config:
         if self.extractor_mode != "layer_norm":
             raise ValueError(
                 f"model.extractor_mode={self.extractor_mode!r}: only 'layer_norm' (XLSR / large-lv60 family) is "
-                "supported; group-norm extractors cannot be time-sharded exactly (DESIGN §3 Scope)"
+                "supported; group-norm extractors cannot be time-sharded exactly (docs/design.md §3 Scope)"
             )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(

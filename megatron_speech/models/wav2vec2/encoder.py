@@ -10,7 +10,7 @@ Input and output are this TP rank's frames, [s/tp, b, h]. What crosses TP ranks 
           output is split after it (backward = all-gather, so every rank gets the full gradient of the
           replicated activations, although each rank's loss only covers its own frames).
 The positional conv is always computed on the full sequence: this avoids 64-frame halo exchanges and keeps its
-parameters replicated (DESIGN §3 lets us pick; this is the simpler of the two to prove correct).
+parameters replicated (docs/design.md §3 lets us pick; this is the simpler of the two to prove correct).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A micro-batch holds T = stride * (F - 1) + receptive_field samples (F frames, F a multiple of tp); frame i
 covers samples [stride * i, stride * i + receptive_field). TP rank r computes frames [r F/tp, (r+1) F/tp) from
-its own sample slice (DESIGN §3): no communication, and bit-for-bit the unsharded result because every block
+its own sample slice (docs/design.md §3): no communication, and bit-for-bit the unsharded result because every block
 normalizes over channels only (a group-norm block normalizes over time, which is why it is out of scope).
 """
 

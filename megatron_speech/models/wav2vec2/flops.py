@@ -1,4 +1,4 @@
-"""FLOP model of wav2vec 2.0 pre-training (DESIGN §10): what MFU and the dry-run are computed from.
+"""FLOP model of wav2vec 2.0 pre-training (docs/design.md §10): what MFU and the dry-run are computed from.
 
 Counts matrix-multiply and convolution FLOPs (2 per multiply-add), as `torch.utils.flop_counter` does; norms,
 activations, softmax and the loss's elementwise work are left out (well under 1% here). Forward, per utterance
@@ -110,7 +110,7 @@ def forward_flops(cfg: Wav2Vec2Config, batch_size: int, num_frames: int,
 
 
 def flops_per_audio_second(cfg: Wav2Vec2Config, crop_seconds: float = 15.0) -> ForwardFlops:
-    """Forward FLOPs per second of audio at a crop of crop_seconds (DESIGN §10 quotes XL at 15 s: training
+    """Forward FLOPs per second of audio at a crop of crop_seconds (docs/design.md §10 quotes XL at 15 s: training
     ~119 GFLOP per audio-second). `.training` gives the training FLOPs per audio-second."""
     num_frames = cfg.num_frames(round(crop_seconds * SAMPLE_RATE))
     if num_frames < 1:

@@ -6,7 +6,7 @@ on every TP rank; heads map them to CTC logits [B, F, V] (V = vocabulary + blank
 [B, C]. The heads (and the layer weights) therefore run *replicated* on every TP rank. Each rank reports 1/tp of
 the loss (training/finetune_step.py), so the gradients reaching the encoder through the gather's reduce-scatter
 add up to exactly one copy, and the head's own gradients are 1/tp partial sums: they are listed in
-`local_params()` and summed over TP in the same place as the time-sliced front-end's (DESIGN §3, "who holds
+`local_params()` and summed over TP in the same place as the time-sliced front-end's (docs/design.md §3, "who holds
 what").
 
 Layouts transformers can express (tools/convert_to_hf.py): CTCHead = Wav2Vec2ForCTC's `lm_head`;

@@ -37,7 +37,7 @@ from megatron_speech.compat.megatron_core import mask_type_from_call
 
 def fp32_layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
     """`norm` with fp32 statistics whatever the activation dtype, result in x's dtype: fp16 statistics over 512-1024
-    channels lose precision (DESIGN §5: LayerNorms stay fp32 under mixed precision)."""
+    channels lose precision (docs/design.md §5: LayerNorms stay fp32 under mixed precision)."""
     if x.is_cuda:
         # CUDA's layer_norm accumulates half/bf16 inputs in fp32 itself (its acc_type): an fp32 copy of the
         # activations would only add memory traffic. It wants the affine parameters in the input's dtype.

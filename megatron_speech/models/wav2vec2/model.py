@@ -1,4 +1,4 @@
-"""wav2vec 2.0 for pre-training, on megatron-core, with time-sharded tensor parallelism (DESIGN §2-§3).
+"""wav2vec 2.0 for pre-training, on megatron-core, with time-sharded tensor parallelism (docs/design.md §2-§3).
 
 Tensor layouts: waveform [B, T] (replicated on the TP group) -> conv features [B, C, F/tp] (this rank's frames)
 -> [B, F/tp, C] -> projection [B, F/tp, H] -> [s/tp, b, h] (megatron) -> encoder -> [b, s/tp, h] for the heads.

@@ -25,7 +25,7 @@ class GumbelVectorQuantizer(nn.Module):
     """Features [N, input_dim] -> one of V codevectors per group G, concatenated to [N, codevector_dim].
 
     Returns sums, not means, so that statistics can be summed over TP ranks and micro-batches before the
-    perplexity is taken (DESIGN §3).
+    perplexity is taken (docs/design.md §3).
     """
 
     def __init__(self, input_dim: int, num_groups: int, num_vars: int, codevector_dim: int):
