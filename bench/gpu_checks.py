@@ -477,7 +477,8 @@ def check_tp2(device: str) -> dict:
     gpus = torch.cuda.device_count() if device == "cuda" else 0
     if gpus < 2:
         return {"status": "SKIP", "why": f"TP=2 needs 2 GPUs (NCCL refuses two ranks on one GPU); {gpus} here. "
-                "TP=2 = TP=1 equalities are tested on CPU (tests/distributed/test_tensor_parallel.py); on a 2-GPU machine: "
+                "TP=2 = TP=1 equalities are tested on CPU (tests/distributed/test_tensor_parallel.py); "
+                "on a 2-GPU machine: "
                 "python bench/train_throughput.py --config configs/xl.yaml --tp 2"}
     return {"status": "SKIP", "why": f"{gpus} GPUs: run bench/train_throughput.py --tp 2 for the TP=2 figures"}
 

@@ -1,4 +1,6 @@
-"""Build the embedded demo corpus (docs/design.md §8, §11): `python tools/make_demo_corpus.py --out DIR [--scale S] [--seed N]`.
+"""Build the embedded demo corpus: `python tools/make_demo_corpus.py --out DIR [--scale S] [--seed N]`.
+
+docs/design.md §8 and §11 say what it holds and why.
 
 Offline: espeak-ng, flite and sox (Debian) are required; Asterisk prompts and music are used when installed.
 Exits 1, naming the Debian packages to install, when a required tool is missing.

@@ -1,9 +1,9 @@
 """The counter-based generator behind every random choice of the data path, and the one table of its streams.
 
-A generator's whole state is its key (seed, step, micro_step, dp_rank, stream) (docs/design.md §3, Randomness): the same on
-every TP rank of a DP group without communication, different across DP ranks, the same in any DataLoader worker,
-and nothing to save for an exact resume. Each use owns a stream id below; the values are part of the checkpoint
-contract (a resumed run must draw what the uninterrupted one would), so they never change.
+A generator's whole state is its key (seed, step, micro_step, dp_rank, stream) (docs/design.md §3, Randomness): the same
+on every TP rank of a DP group without communication, different across DP ranks, the same in any DataLoader worker, and
+nothing to save for an exact resume. Each use owns a stream id below; the values are part of the checkpoint contract (a
+resumed run must draw what the uninterrupted one would), so they never change.
 """
 
 from __future__ import annotations

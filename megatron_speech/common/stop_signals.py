@@ -1,8 +1,8 @@
 """Stop signals and helper processes. Slurm signals every process of a job step, not only the training process
-(docs/design.md §9): DataLoader workers, megatron's checkpoint-writer Manager and wandb's service would die of USR1/TERM, and
-the save at the signal with them. Helpers therefore start with the stop signals blocked (`stop_signals_blocked`
-around their creation: a signal mask is inherited by fork and kept across exec) and DataLoader workers also ignore
-them (`ignore_stop_signals`); only the training process acts on them (training/signals.py).
+(docs/design.md §9): DataLoader workers, megatron's checkpoint-writer Manager and wandb's service would die of
+USR1/TERM, and the save at the signal with them. Helpers therefore start with the stop signals blocked
+(`stop_signals_blocked` around their creation: a signal mask is inherited by fork and kept across exec) and DataLoader
+workers also ignore them (`ignore_stop_signals`); only the training process acts on them (training/signals.py).
 
 Neutral: data/ (the DataLoader workers) and training/ both use it, and it imports neither.
 """

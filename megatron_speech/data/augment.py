@@ -1,5 +1,5 @@
-"""Per-utterance crop and augmentation, run in the DataLoader workers (docs/design.md §2): random crop, speed perturbation,
-additive MUSAN-style noise, per-utterance normalization.
+"""Per-utterance crop and augmentation, run in the DataLoader workers (docs/design.md §2): random crop, speed
+perturbation, additive MUSAN-style noise, per-utterance normalization.
 
 Every random choice comes from the generator the caller passes, which the loader keys by (seed, step, micro_step,
 dp_rank, utterance position) (common/rng.py): an utterance's audio is a pure function of that key, so it is

@@ -1,16 +1,17 @@
-"""Utterances of one or more preprocessed prefixes: int16 IndexedDataset shards + their utterance index (docs/design.md §2).
+"""Utterances of one or more preprocessed prefixes: int16 IndexedDataset shards + their utterance index
+(docs/design.md §2).
 
     corpus = Corpus(["/data/en", "/data/fr"], "train")   # every utterance, as the index lists them (pre-training)
     corpus.lengths[i], corpus.read(i, offset, count), corpus.id(i), corpus.language(i)
     shards = AudioShards(["/data/en"], "train", min_samples=32_000)   # those of at least min_samples, with labels
     shards.lengths[i], shards.read(i, offset, count), shards.id(i), shards.labels(i)
 
-Layout written by tools/preprocess_audio.py (docs/design.md §11): shards `PREFIX_{split}_{NNNNN}.{bin,idx}` (one sequence per
-utterance), `PREFIX_{split}.manifest.jsonl` (one object per utterance with `shard` (the shard's path without
-extension, relative to the manifest's folder), `index` (position in that shard), `id`, `source`, `samples`,
-`orig_sample_rate`, `orig_channels`, optional `parent`/`offset` (a segment of a longer recording) and labels), and
-the binary utterance index `PREFIX_{split}.index` (data/index.py), rebuilt from the manifest when missing or stale.
-The manifest is the source of truth: an entry it cannot honour is an error naming the file and line.
+Layout written by tools/preprocess_audio.py (docs/design.md §11): shards `PREFIX_{split}_{NNNNN}.{bin,idx}` (one
+sequence per utterance), `PREFIX_{split}.manifest.jsonl` (one object per utterance with `shard` (the shard's path
+without extension, relative to the manifest's folder), `index` (position in that shard), `id`, `source`, `samples`,
+`orig_sample_rate`, `orig_channels`, optional `parent`/`offset` (a segment of a longer recording) and labels), and the
+binary utterance index `PREFIX_{split}.index` (data/index.py), rebuilt from the manifest when missing or stale. The
+manifest is the source of truth: an entry it cannot honour is an error naming the file and line.
 
 `Corpus` is what a pre-training rank and its DataLoader workers share: everything per utterance lives in the
 memory-mapped index (pages shared by all processes of a node), and a Corpus pickles as its paths, so a worker

@@ -1,4 +1,5 @@
-"""Audio files → 16 kHz int16 megatron-core IndexedDataset shards + manifests + a rejects report (docs/design.md §2, §11).
+"""Audio files → 16 kHz int16 megatron-core IndexedDataset shards + manifests + a rejects report
+(docs/design.md §2, §11).
 
     summary = preprocess("wavs/", "data/corpus", workers=16)    # tools/preprocess_audio.py is the CLI
     print(summary.format())

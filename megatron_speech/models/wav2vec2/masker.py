@@ -2,8 +2,8 @@
 
 Everything here is drawn on the host from the generator the caller passes, a counter-based one keyed by (seed,
 step, micro_step, dp_rank, stream) (common/rng.py): identical on every TP rank of a DP group without communication,
-different across DP ranks, and with nothing to save for an exact resume (docs/design.md §3, Randomness). Masks are decided
-on the full utterance; TP ranks slice.
+different across DP ranks, and with nothing to save for an exact resume (docs/design.md §3, Randomness). Masks are
+decided on the full utterance; TP ranks slice.
 """
 
 from __future__ import annotations
