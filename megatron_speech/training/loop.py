@@ -126,6 +126,14 @@ class Loop:
         return self.monitor.check_eval(step, watched)
 
     def run(self, step: int) -> int:
+        try:
+            return self._run(step)
+        finally:
+            # Stop the DataLoader workers now. Left to interpreter exit, multiprocessing terminates them with SIGTERM,
+            # which they ignore (Slurm signals every process of the step: data/stream.py), and joins them forever.
+            self.loader.close()
+
+    def _run(self, step: int) -> int:
         t, unit, monitor, saves = self.t, self.unit, self.monitor, self.saves
         exit_code, reason, evaluated_at = EXIT_DONE, f"reached train.max_steps={t.max_steps}", None
         while step < t.max_steps:

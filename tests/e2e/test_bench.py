@@ -254,8 +254,8 @@ DISTRIBUTIONS = {"megatron": "megatron-core", "yaml": "pyyaml", "numpy": "numpy"
                  "safetensors": "safetensors", "tqdm": "tqdm"}
 # present on the GPU machine (torch and its own dependencies), optional at run time (never imported by the
 # stages unless configured so), or the project itself
-NOT_WHEELS = {"torch", "megatron_speech", "tests", "train_throughput", "gpu_checks", "fixtures",
-              "fairseq", "transformer_engine", "wandb", "matplotlib", "apex"}
+NOT_WHEELS = {"torch", "megatron_speech", "tests", "tools", "bench", "train_throughput", "gpu_checks",
+              "loader_throughput", "fixtures", "fairseq", "transformer_engine", "wandb", "matplotlib", "apex"}
 
 
 def _top_level_imports(paths) -> set[str]:
@@ -277,7 +277,7 @@ def test_wheel_list_covers_what_the_gpu_check_imports():
             assert version, f"bench/wheels.txt: {line!r} is not pinned (the GPU machine has no index)"
             pins[name.lower()] = version
     used = _top_level_imports([*(ROOT / "megatron_speech").rglob("*.py"), *(ROOT / "bench").glob("*.py"),
-                               ROOT / "tests/fixtures.py"])
+                               ROOT / "tests/fixtures.py", ROOT / "tools/demo_corpus.py"])
     unknown = used - set(DISTRIBUTIONS) - NOT_WHEELS
     assert not unknown, f"new third-party imports: add their wheels to bench/wheels.txt and here: {unknown}"
     missing = {DISTRIBUTIONS[m] for m in used & set(DISTRIBUTIONS)} - set(pins)

@@ -141,3 +141,18 @@ def test_pretraining_learns_the_masked_objective(tmp_path, demo_shards):
                         for f in range(50, 200, 5) for _ in range(5)])
     logged = np.mean([r["mask_fraction"] for r in train.values()])
     assert abs(logged - expected) < 0.06, (logged, expected)
+
+
+def test_a_run_with_data_workers_exits_when_done(shards, tmp_path):
+    """With DataLoader workers (which ignore SIGTERM: Slurm signals every process of a step), the driver stops them
+    itself before exiting; left to interpreter exit, multiprocessing SIGTERMs and joins them, and waits forever."""
+    proc = torchrun(1, tmp_path / "run", f"data.prefix={shards}", "data.num_workers=2", "train.max_steps=2",
+                    "train.eval_interval=0", "train.save_interval=0", wait=False)
+    try:
+        out, _ = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(f"still running 150 s after start (hung at exit?):\n{out[-3000:]}") from None
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopping at step 2: reached train.max_steps=2 (exit 0)" in out
