@@ -31,6 +31,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from megatron_speech.common.stop_signals import stop_signals_blocked
 from megatron_speech.data.augment import FOLDER_OF_KIND, NOISE_KINDS, list_noise_files
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def _is_complete(prefix: str) -> bool:
 
 _PACK_CODE = ("import sys; from megatron_speech.preprocess import preprocess; "
               "preprocess(sys.argv[1], sys.argv[2], workers=int(sys.argv[3]), valid_fraction=0.0, min_seconds=0.0, "
-              "max_segment_seconds=0.0, progress=False, log=lambda message: None)")
+              "max_segment_seconds=0.0, progress=False, log=print)")
 
 
 def _pack(folder: str, log=logger.info) -> str:
@@ -115,11 +116,14 @@ def _pack(folder: str, log=logger.info) -> str:
             # worker pool there, not in a training process (and data/ does not import megatron_speech.preprocess,
             # which imports data/).
             workers = 0 if len(entries) < 64 else min(8, len(os.sched_getaffinity(0)))
-            proc = subprocess.run([sys.executable, "-c", _PACK_CODE, inputs, prefix, str(workers)],
-                                  capture_output=True, text=True)
-            if proc.returncode:
-                raise RuntimeError(f"data.noise_dir={folder!r}: packing it into {prefix} failed (exit "
-                                   f"{proc.returncode}): {proc.stderr.strip()[-2000:]}; {how}")
+            with stop_signals_blocked():  # a helper process: Slurm's USR1/TERM is the training process's to act on
+                proc = subprocess.run([sys.executable, "-c", _PACK_CODE, inputs, prefix, str(workers)],
+                                      capture_output=True, text=True)
+            for line in proc.stdout.splitlines():
+                log(line)
+            if proc.returncode:  # ValueError: the drivers report a user's data problem by its message (exit 2)
+                raise ValueError(f"data.noise_dir={folder!r}: packing it into {prefix} failed (exit "
+                                 f"{proc.returncode}): {proc.stderr.strip()[-2000:]}; {how}")
     finally:
         os.close(fd)
     return prefix

@@ -155,8 +155,17 @@ class ResumableLoader:
         return {**self.sampler.mixing_stats(), **self._extra_stats}
 
     def close(self) -> None:
-        """Stop the worker processes (they restart on the next item)."""
-        self._it = None  # the DataLoader iterator shuts its workers down when released
+        """Stop the worker processes now (they restart on the next item). Not left to the iterator's release: a
+        traceback can keep it alive to interpreter exit, where multiprocessing SIGTERMs the workers, which ignore it,
+        and joins them forever."""
+        it, self._it = self._it, None
+        shutdown = getattr(it, "_shutdown_workers", None)  # torch's own clean stop (what its __del__ calls)
+        if shutdown is not None:
+            shutdown()
+            for worker in getattr(it, "_workers", []):
+                if worker.is_alive():  # past torch's join timeout, and deaf to SIGTERM
+                    worker.kill()
+                    worker.join()
 
 
 class EvalLoader:

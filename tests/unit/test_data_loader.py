@@ -442,3 +442,15 @@ def test_bench_loader_reports_throughput(corpus):
     assert [(r["augment"], r["noise"]) for r in results] == [(False, False), (True, True)]
     assert all(r["audio_seconds_per_second"] > 0 and r["steps"] > 0 for r in results)
     assert "audio-s/s" in format_results(results)
+
+
+def test_close_stops_the_workers_while_something_else_holds_the_iterator(corpus):
+    """A traceback (a worker's exception, kept as sys.last_traceback) can hold the DataLoader iterator to interpreter
+    exit, where multiprocessing SIGTERMs the workers, which ignore it, and joins them forever: close() stops them."""
+    loader = build_pretrain_loader(dataclasses.replace(data_cfg(corpus), num_workers=2), MODEL, 0, 1, 1, 1, seed=0)
+    next(loader)
+    held = loader._it  # what the traceback would hold
+    workers = list(held._workers)
+    assert all(w.is_alive() for w in workers)
+    loader.close()
+    assert not any(w.is_alive() for w in workers)
