@@ -55,6 +55,7 @@ from megatron_speech.training.signals import StopSignal
 
 logger = logging.getLogger("megatron_speech")
 
+
 def main(argv: list[str] | None = None) -> int:
     path, overrides, want_help = parse_cli(sys.argv[1:] if argv is None else argv)
     if want_help:
