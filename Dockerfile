@@ -44,7 +44,8 @@ WORKDIR /workspace/megatron-speech
 RUN python -c "import torch; print(torch.__version__)" > /opt/torch-version.txt \
     && pip install --no-deps "megatron-core==0.16.1" \
     && pip install numpy packaging psutil soundfile soxr wandb pyyaml tqdm matplotlib \
-        "transformers>=4.40" safetensors
+        rapidfuzz pyctcdecode "transformers>=4.40" safetensors \
+    && (pip install kenlm || echo "kenlm did not build: evaluate --lm is unavailable, beam search without an LM works")
 
 # 2. This package, without dependency resolution (same reason), then prove the container's torch is untouched.
 COPY . .

@@ -76,7 +76,7 @@ pick_python() {
 }
 
 # Modules the stages import, as "distribution=import name".
-CORE="megatron-core=megatron.core numpy=numpy pyyaml=yaml packaging=packaging psutil=psutil
+CORE="megatron-core=megatron.core numpy=numpy pyyaml=yaml packaging=packaging psutil=psutil rapidfuzz=rapidfuzz
       soundfile=soundfile cffi=cffi pycparser=pycparser soxr=soxr"
 HF="transformers=transformers huggingface-hub=huggingface_hub tokenizers=tokenizers safetensors=safetensors
     regex=regex tqdm=tqdm httpx2=httpx2 httpcore2=httpcore2 h11=h11 idna=idna truststore=truststore"
