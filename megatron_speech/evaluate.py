@@ -2,8 +2,8 @@
 
     python -m megatron_speech.evaluate --checkpoint CKPT --manifest M [--manifest M2 ...] [--ema] [--max-tokens N]
                                        [--decoder greedy|beam] [--beam-width N] [--lm FILE] [--lm-weight A]
-                                       [--word-score B] [--unk-score C] [--output-dir DIR] [--output PRED.jsonl]
-                                       [--metrics-json OUT.json]
+                                       [--word-score B] [--unk-score C] [--decode-workers N] [--output-dir DIR]
+                                       [--output PRED.jsonl] [--metrics-json OUT.json]
     python -m megatron_speech.evaluate --compare RUN_A RUN_B [--resamples 1000] [--confidence 0.95] [--seed 0]
                                        [--metrics-json OUT.json]
 
@@ -31,6 +31,8 @@ Evaluation:
                      search prunes (not scaled by --lm-weight), to a partial word no unigram starts with: the LM
                      is also a lexicon (pyctcdecode's unk_score_offset; default -10).
                      --lm-weight 0 --word-score 0 --unk-score 0 decodes as without --lm.
+  --decode-workers N beam: processes decoding each batch's utterances in parallel (default 0: in this process;
+                     pyctcdecode is pure Python, so a large test set wants about one per free CPU core).
   --output-dir DIR   writes DIR/hypotheses.jsonl (per utterance) and DIR/metrics.json (the result object).
   --output FILE      the per-utterance JSONL alone; --metrics-json FILE: the result object alone.
 
@@ -101,36 +103,39 @@ def evaluate_checkpoint(checkpoint: str, manifests: str | list[str], use_ema: bo
     per_set: dict[str, Any] = {}
     totals = torch.zeros(common, dtype=torch.float64)
     num_skipped = num_rejected = 0
-    for manifest in manifests:
-        set_name = os.path.basename(manifest.rstrip("/"))
-        if set_name in per_set:
-            raise ValueError(f"--manifest {manifest}: two test sets named {set_name!r}; give distinct file names")
-        source = open_manifest(manifest, min_samples_for(cfg.data, cfg.model))
-        split = select_labeled(source, task.label_key, None, manifest)
-        languages = {source.id(int(i)): source.labels(int(i)).get("language") for i in split.indices}
-        cfg.data.max_tokens = max(max_tokens or cfg.data.max_tokens, int(split.lengths.max()))
-        set_totals = torch.zeros(common, dtype=torch.float64)
-        first = len(rows)
-        with torch.no_grad():
-            for batch in eval_batches(split, task, cfg):
-                batch = to_device(batch)
-                logits = model(batch["waveform"], padding_mask=batch["padding_mask"])
-                loss, infeasible = task_loss(task, logits, batch)
-                set_totals += batch_stats(task, logits, batch, loss, infeasible, 1.0, with_scores=False).cpu()
-                real = (~batch["padding_mask"]).sum(1).tolist()
-                hyps = decode(logits, real) if decode else task_metrics.decode(task, logits, real)
-                for uid, ref, hyp in zip(batch["ids"], batch["references"], hyps, strict=True):
-                    predictions.append(hyp)
-                    rows.append({"id": uid, "set": set_name, "language": languages.get(uid), "task": task.name,
-                                 "reference": ref, "hypothesis": hypothesis_text(task, hyp),
-                                 **task_metrics.utterance_scores(task, hyp, ref)})
-        skipped = len(source.lengths) - len(split.indices) + getattr(source, "num_skipped", 0)
-        rejected = len(getattr(source, "rejects", []))
-        per_set[set_name] = {**group_metrics(task, rows[first:], predictions[first:], set_totals.tolist()),
-                             "manifest": manifest, "num_skipped": skipped, "num_rejected_files": rejected}
-        totals += set_totals
-        num_skipped, num_rejected = num_skipped + skipped, num_rejected + rejected
-
+    try:
+        for manifest in manifests:
+            set_name = os.path.basename(manifest.rstrip("/"))
+            if set_name in per_set:
+                raise ValueError(f"--manifest {manifest}: two test sets named {set_name!r}; give distinct file names")
+            source = open_manifest(manifest, min_samples_for(cfg.data, cfg.model))
+            split = select_labeled(source, task.label_key, None, manifest)
+            languages = {source.id(int(i)): source.labels(int(i)).get("language") for i in split.indices}
+            cfg.data.max_tokens = max(max_tokens or cfg.data.max_tokens, int(split.lengths.max()))
+            set_totals = torch.zeros(common, dtype=torch.float64)
+            first = len(rows)
+            with torch.no_grad():
+                for batch in eval_batches(split, task, cfg):
+                    batch = to_device(batch)
+                    logits = model(batch["waveform"], padding_mask=batch["padding_mask"])
+                    loss, infeasible = task_loss(task, logits, batch)
+                    set_totals += batch_stats(task, logits, batch, loss, infeasible, 1.0, with_scores=False).cpu()
+                    real = (~batch["padding_mask"]).sum(1).tolist()
+                    hyps = decode(logits, real) if decode else task_metrics.decode(task, logits, real)
+                    for uid, ref, hyp in zip(batch["ids"], batch["references"], hyps, strict=True):
+                        predictions.append(hyp)
+                        rows.append({"id": uid, "set": set_name, "language": languages.get(uid), "task": task.name,
+                                     "reference": ref, "hypothesis": hypothesis_text(task, hyp),
+                                     **task_metrics.utterance_scores(task, hyp, ref)})
+            skipped = len(source.lengths) - len(split.indices) + getattr(source, "num_skipped", 0)
+            rejected = len(getattr(source, "rejects", []))
+            per_set[set_name] = {**group_metrics(task, rows[first:], predictions[first:], set_totals.tolist()),
+                                 "manifest": manifest, "num_skipped": skipped, "num_rejected_files": rejected}
+            totals += set_totals
+            num_skipped, num_rejected = num_skipped + skipped, num_rejected + rejected
+    finally:
+        if hasattr(decode, "close"):
+            decode.close()  # beam search's worker processes
     result: dict[str, Any] = {"task": task.name, "label_key": task.label_key, "checkpoint": str(checkpoint),
                               "manifest": manifests[0] if len(manifests) == 1 else manifests,
                               "decoder": decoder.describe() if task.kind == "ctc" else "argmax",
@@ -193,6 +198,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--lm-weight", type=float, default=decoding.DEFAULT_LM_WEIGHT, help="beam: LM weight (alpha)")
     parser.add_argument("--word-score", type=float, default=decoding.DEFAULT_WORD_SCORE, help="per-word score (beta)")
     parser.add_argument("--unk-score", type=float, default=decoding.DEFAULT_UNK_SCORE, help="OOV word score")
+    parser.add_argument("--decode-workers", type=int, default=0, help="beam: decoding processes")
     parser.add_argument("--output-dir", help="write hypotheses.jsonl and metrics.json here")
     parser.add_argument("--output", help="per-utterance hypotheses and error counts (JSON lines)")
     parser.add_argument("--metrics-json", help="also write the result object to this file")
@@ -240,7 +246,8 @@ def run_evaluate(args) -> dict[str, Any]:
     setup_logging(0)  # our INFO lines (what was skipped) only; megatron's CPU chatter off
     for pattern in (".*load_state_dict.*is deprecated.*", ".*ShardedTensor.*"):
         warnings.filterwarnings("ignore", message=pattern)
-    spec = DecoderSpec(args.decoder, args.beam_width, args.lm, args.lm_weight, args.word_score, args.unk_score)
+    spec = DecoderSpec(args.decoder, args.beam_width, args.lm, args.lm_weight, args.word_score, args.unk_score,
+                       args.decode_workers)
     output = args.output
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)

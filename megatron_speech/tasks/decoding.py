@@ -57,6 +57,9 @@ class DecoderSpec:
     """Beam with LM: log score added to a finished word outside the LM's unigrams (scaled by lm_weight) and, while
     the search prunes, to a partial word no unigram starts with (not scaled): pyctcdecode's unk_score_offset. The
     LM thus also acts as a lexicon; 0 turns that off."""
+    num_workers: int = 0
+    """Beam: processes decoding a batch's utterances in parallel (forked after the decoder is built, as pyctcdecode
+    requires; they run numpy only, never the accelerator); 0 = decode in this process."""
 
     def describe(self) -> str:
         """e.g. `beam (width 100, lm lm.arpa, weight 0.5, word score 1.5)`, as results name the decoder."""
@@ -98,7 +101,9 @@ class BeamDecoder:
                 raise FileNotFoundError(f"--lm {spec.lm}: no such file (an ARPA or KenLM binary n-gram LM)")
         import pyctcdecode
 
-        self.task, self.beam_width = task, spec.beam_width
+        if spec.num_workers < 0:
+            raise ValueError(f"--decode-workers {spec.num_workers}: give 0 or more")
+        self.task, self.beam_width, self.num_workers, self._pool = task, spec.beam_width, spec.num_workers, None
         if task.name == "asr":
             labels = [" " if label == WORD_GAP else label for label in task.labels]
         else:
@@ -118,8 +123,25 @@ class BeamDecoder:
         import torch
 
         log_probs = torch.log_softmax(logits.detach().float(), dim=-1).cpu().numpy()  # [B, F, V]
-        return [self.tokens(self._decoder.decode(log_probs[b, :n], beam_width=self.beam_width)) if n else []
-                for b, n in enumerate(int(n) for n in num_frames)]
+        frames = [int(n) for n in num_frames]
+        todo = [b for b, n in enumerate(frames) if n]
+        if self.num_workers and self._pool is None:
+            import multiprocessing
+
+            self._pool = multiprocessing.get_context("fork").Pool(self.num_workers)
+        texts = self._decoder.decode_batch(self._pool, [log_probs[b, :frames[b]] for b in todo],
+                                           beam_width=self.beam_width)
+        out: list[list[str]] = [[] for _ in frames]
+        for b, text in zip(todo, texts, strict=True):
+            out[b] = self.tokens(text)
+        return out
+
+    def close(self) -> None:
+        """Stop the worker processes, if any."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool.join()
+            self._pool = None
 
     def tokens(self, text: str) -> list[str]:
         """pyctcdecode's text -> our tokens (asr: characters with "|" between words)."""

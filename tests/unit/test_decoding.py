@@ -51,19 +51,19 @@ def test_beam_finds_the_most_probable_labelling_where_the_best_path_does_not():
 
     rng = np.random.default_rng(0)
     beam_won = 0
-    for _ in range(30):
-        probs = rng.dirichlet(np.full(4, 0.7), size=5)  # [F=5, V=4]: 1024 paths
+    for _ in range(20):
+        probs = rng.dirichlet(np.full(4, 0.7), size=4)  # [F=4, V=4]: 256 paths
         probs = np.clip(probs, 0.01, None)  # above pyctcdecode's token floor, exp(-5)
         probs /= probs.sum(1, keepdims=True)
         table = labelling_probabilities(probs)
         logits = torch.tensor(probs).log()[None]
         index = {label: i + 1 for i, label in enumerate(PHONEMES.labels)}
-        got = tuple(index[t] for t in beam(logits, [5])[0])
-        best_path = tuple(index[t] for t in greedy(logits, [5])[0])
+        got = tuple(index[t] for t in beam(logits, [4])[0])
+        best_path = tuple(index[t] for t in greedy(logits, [4])[0])
         assert table[got] == pytest.approx(max(table.values()), rel=1e-9)
         assert table[got] >= table[best_path]
         beam_won += table[got] > table[best_path] * (1 + 1e-9)
-    assert beam_won  # the cases include some where the best path is not the best labelling
+    assert beam_won >= 2, beam_won  # the cases include some where the best path is not the best labelling
 
 
 @pytest.mark.parametrize("task", [PHONEMES, ASR])
@@ -82,6 +82,19 @@ def test_beam_width_one_agrees_with_greedy_on_peaked_outputs(task):
             assert task.words(b) == task.words(g) and "|" not in (b[:1] + b[-1:])
         else:
             assert b == g
+
+
+def test_worker_processes_decode_as_this_one(tmp_path):
+    pytest.importorskip("kenlm")
+    logits = torch.cat([_teh_cat(), torch.randn(3, 7, ASR.num_outputs) * 3])
+    lengths = [7, 7, 0, 4]
+    spec = DecoderSpec("beam", beam_width=8, lm=_arpa(tmp_path / "tiny.arpa"))
+    alone, pooled = build_decoder(ASR, spec), build_decoder(ASR, DecoderSpec(**{**spec.__dict__, "num_workers": 2}))
+    try:
+        assert pooled(logits, lengths) == alone(logits, lengths) and pooled._pool is not None
+        assert pooled(logits, lengths)[0] == list("the|cat")  # the LM travelled to the workers
+    finally:
+        pooled.close()
 
 
 def _arpa(path) -> str:
