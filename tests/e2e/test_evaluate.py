@@ -12,6 +12,8 @@ from megatron_speech import evaluate
 from tests.e2e.test_finetune import _tiny_finetune_model
 from tests.fixtures import synthetic_test_files, tiny_config
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def test_sets(tmp_path_factory):
