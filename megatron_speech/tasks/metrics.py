@@ -1,5 +1,5 @@
 """Scoring: greedy CTC decoding, edit distances, and per-batch statistic sums that add up over micro-batches and
-ranks into PER / WER / CER / accuracy / unweighted accuracy.
+ranks into PER / WER / CER / accuracy / unweighted accuracy. Beam search (evaluate only) is in decoding.py.
 
 Statistics are flat float64 vectors (`stat_names(task)` gives the layout) so that one all-reduce sums them over
 every rank; metrics are ratios of the global sums (a corpus-level PER, not an average of per-utterance PERs).
@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rapidfuzz.distance import Levenshtein
 
 from .task import Task, normalize_text
 
@@ -19,16 +20,9 @@ COMMON = ("loss_sum", "num_utterances", "num_frames", "num_samples", "num_infeas
 
 
 def edit_distance(ref: Sequence[Any], hyp: Sequence[Any]) -> int:
-    """Levenshtein distance (substitutions + deletions + insertions) between two sequences."""
-    if len(ref) < len(hyp):
-        ref, hyp = hyp, ref
-    previous = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, start=1):
-        current = [i]
-        for j, h in enumerate(hyp, start=1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (r != h)))
-        previous = current
-    return previous[-1]
+    """Levenshtein distance (substitutions + deletions + insertions) between two strings or two sequences of
+    hashables (phonemes, words), by rapidfuzz: the engine jiwer scores with, in C++."""
+    return Levenshtein.distance(ref, hyp)
 
 
 def ctc_greedy(ids: np.ndarray, length: int, blank: int = 0) -> list[int]:
@@ -61,24 +55,29 @@ def decode(task: Task, logits: torch.Tensor, num_frames: Sequence[int]) -> list[
     return [task.labels[int(p)] for p in pred]
 
 
+def utterance_scores(task: Task, prediction: Any, reference: Any) -> dict[str, int]:
+    """One utterance's error counts: unit_edits and num_units (PER's phonemes; CER's characters of the normalized
+    text, spaces included; a classification's one label, wrong = 1 edit), and for asr word_edits and num_words.
+    Corpus rates are sums of these over utterances: enough to recompute any metric from per-utterance rows."""
+    if task.kind != "ctc":
+        return {"unit_edits": int(prediction != task.units(reference)[0]), "num_units": 1}
+    if task.name == "asr":
+        ref_text, hyp_text = normalize_text(str(reference)), " ".join(task.words(prediction))
+        return {"unit_edits": edit_distance(ref_text, hyp_text), "num_units": len(ref_text),
+                "word_edits": edit_distance(ref_text.split(), hyp_text.split()), "num_words": len(ref_text.split())}
+    ref = task.units(reference)
+    return {"unit_edits": edit_distance(ref, prediction), "num_units": len(ref)}
+
+
 def score(task: Task, predictions: list[Any], references: list[Any]) -> dict[str, float]:
     """Task-specific sums (the stat_names entries after COMMON) for predictions against raw label values."""
     out: dict[str, float] = {}
     if task.kind == "ctc":
-        out["unit_edits"] = out["num_units"] = 0.0
-        if task.name == "asr":
-            out["word_edits"] = out["num_words"] = 0.0
+        for name in stat_names(task)[len(COMMON):]:
+            out[name] = 0.0
         for hyp, value in zip(predictions, references, strict=True):
-            if task.name == "asr":
-                ref_text, hyp_text = normalize_text(str(value)), " ".join(task.words(hyp))
-                out["unit_edits"] += edit_distance(ref_text, hyp_text)  # CER over characters, spaces included
-                out["num_units"] += len(ref_text)
-                out["word_edits"] += edit_distance(ref_text.split(), hyp_text.split())
-                out["num_words"] += len(ref_text.split())
-            else:
-                ref = task.units(value)
-                out["unit_edits"] += edit_distance(ref, hyp)
-                out["num_units"] += len(ref)
+            for name, count in utterance_scores(task, hyp, value).items():
+                out[name] += count
         return out
     index = {c: i for i, c in enumerate(task.labels)}
     correct = np.zeros(len(task.labels))
