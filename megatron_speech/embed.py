@@ -12,7 +12,8 @@ tools/preprocess_audio.py does, then normalized with the checkpoint's data.norma
 
 A manifest (what `evaluate` reads: preprocessed shards' PREFIX_{train,valid}.manifest.jsonl, or a JSONL / fairseq
 TSV / folder of audio files, decoded as above): layers are named "0".."L" (hidden_states[l]; 0 is the encoder
-input after the positional conv) and "final" (last_hidden_state); `--layers all` is 0..L, default final.
+input after the positional conv) and "final" (last_hidden_state); `--layers all` is 0..L (`all,final` adds the
+final one), default final.
 --pool mean: the mean over the utterance's real frames ([hidden]); none: every frame ([frames, hidden]).
 --format npy: DIR/<layer>/<id>.npy (ids made file-name safe; DIR/index.jsonl maps ids to files); shards:
 DIR/<layer>/shard_NNNNNN.npy, one per window of utterances, rows located by DIR/index.jsonl (embed_store.py).
@@ -77,16 +78,17 @@ def embed(checkpoint: str, audio: str, layer: int | None = None, use_ema: bool =
 
 
 def parse_layers(spec: str, num_layers: int) -> list[str]:
-    """--layers -> layer names: "all" (0..L), or a comma list of integers in 0..L and "final"."""
-    if spec == "all":
-        return [str(i) for i in range(num_layers + 1)]
-    names = []
+    """--layers -> layer names: a comma list of integers in 0..L, "final" and "all" (0..L)."""
+    names: list[str] = []
     for part in spec.split(","):
         part = part.strip()
+        if part == "all":
+            names += [str(i) for i in range(num_layers + 1) if str(i) not in names]
+            continue
         if part != "final" and not (part.isdigit() and int(part) <= num_layers):
             raise ValueError(f"--layers {spec!r}: {part!r} is not a layer of this {num_layers}-layer model; give "
-                             f"'all', or a comma list of 0..{num_layers} (hidden_states[l]) and 'final' (after the "
-                             "final LayerNorm)")
+                             f"a comma list of 0..{num_layers} (hidden_states[l]), 'final' (after the final "
+                             f"LayerNorm) and 'all' (0..{num_layers})")
         name = part if part == "final" else str(int(part))
         if name not in names:
             names.append(name)
@@ -278,7 +280,7 @@ def main(argv: list[str]) -> int:
     what.add_argument("--manifest", help="a manifest -> --output DIR")
     parser.add_argument("--output", required=True)
     parser.add_argument("--layer", type=int, default=None, help="--audio: transformer layer L (hidden_states[L])")
-    parser.add_argument("--layers", default="final", help="--manifest: all, or a comma list of 0..L and final")
+    parser.add_argument("--layers", default="final", help="--manifest: a comma list of 0..L, final and all (0..L)")
     parser.add_argument("--pool", default="none", choices=["none", "mean"])
     parser.add_argument("--format", default="npy", choices=["npy", "shards"])
     parser.add_argument("--max-tokens", type=int, help="padded samples per batch (default: the checkpoint's)")

@@ -179,6 +179,7 @@ def test_bad_layers_name_the_flag_and_the_range(setup, tmp_path, capsys):
 
     assert parse_layers("all", 2) == ["0", "1", "2"]
     assert parse_layers("2, final,1,2", 2) == ["2", "final", "1"]
+    assert parse_layers("final,all", 2) == ["final", "0", "1", "2"]
     root, manifest, _ = setup
     for bad in ("3", "-1", "last", "1;2"):
         with pytest.raises(ValueError, match=r"--layers .*0\.\.2"):
