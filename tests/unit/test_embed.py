@@ -168,10 +168,15 @@ def test_preprocessed_shards_manifest(setup, shards, tmp_path):
     from megatron_speech.embed import embed_manifest
 
     root, _, _ = setup
-    counts = embed_manifest(str(root / "ckpt"), f"{shards}_valid.manifest.jsonl", str(tmp_path), "final",
-                            pool="mean", max_tokens=150_000)
-    source = AudioShards(shards, "valid")
-    assert counts["written"] == len(source) == len(_index(tmp_path))
+    manifest = f"{shards}_valid.manifest.jsonl"
+    # a decoding worker process (spawned, as on a GPU node) and none give the same shards
+    for workers in (1, 0):
+        counts = embed_manifest(str(root / "ckpt"), manifest, str(tmp_path / str(workers)), "final", pool="mean",
+                                fmt="shards", max_tokens=150_000, num_workers=workers)
+        assert counts["written"] == len(AudioShards(shards, "valid")) == len(_index(tmp_path / str(workers)))
+    assert _index(tmp_path / "1") == _index(tmp_path / "0")
+    for name in os.listdir(tmp_path / "0" / "final"):
+        assert (tmp_path / "1" / "final" / name).read_bytes() == (tmp_path / "0" / "final" / name).read_bytes()
 
 
 def test_bad_layers_name_the_flag_and_the_range(setup, tmp_path, capsys):
