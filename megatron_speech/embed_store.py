@@ -66,7 +66,11 @@ class EmbeddingStore:
         except BlockingIOError:
             raise ValueError(f"{self.root} is being written by another embed run: wait for it or pick another "
                              "--output") from None
-        self._check_settings(settings)
+        try:
+            self._check_settings(settings)
+        except ValueError:
+            self._lock.close()
+            raise
         for layer in self.layers:
             (self.root / layer).mkdir(exist_ok=True)
             for tmp in (self.root / layer).glob("*.tmp"):  # debris of a killed run: never listed, never read

@@ -122,7 +122,7 @@ def _tiny_encoder_only(kind: str, **kw):
 def test_encoder_only_models_convert_with_warnings_and_embed_like_transformers(kind, tmp_path):
     from megatron.core import dist_checkpointing
 
-    from megatron_speech.checkpoint.model_io import checkpoint_config, resolve
+    from megatron_speech.checkpoint.model_io import checkpoint_config, resolve, untrained_heads
     from megatron_speech.embed import embed_manifest, load_waveform
     from megatron_speech.training.finetune_config import load_finetune_config
 
@@ -141,6 +141,7 @@ def test_encoder_only_models_convert_with_warnings_and_embed_like_transformers(k
     common = dist_checkpointing.load_common_state_dict(str(resolve(tmp_path / "ckpt")))
     untrained = common["trainer"]["untrained_weights"]
     assert "quantizer.codevectors" in untrained and ("mask_emb" in untrained) == (kind == "model")
+    assert "quantizer.codevectors" in untrained_heads(common["trainer"])  # what pre-training warns about
 
     # every layer over a manifest, against transformers on the same audio
     rng = np.random.default_rng(0)
