@@ -292,6 +292,8 @@ def main(argv: list[str]) -> int:
         parser.error(f"{', '.join(manifest_only)} go with --manifest; --audio takes --layer")
     if args.manifest and args.layer is not None:
         parser.error("--layer goes with --audio; with --manifest use --layers")
+    for pattern in (".*load_state_dict.*is deprecated.*", ".*ShardedTensor.*"):  # torch's, about megatron's loader
+        warnings.filterwarnings("ignore", message=pattern)
     try:
         if args.audio:
             hidden = embed(args.checkpoint, args.audio, args.layer, args.ema)
