@@ -26,7 +26,7 @@ from megatron.core import parallel_state
 
 from megatron_speech import dry_run
 from megatron_speech.checkpoint.checkpointing import resume_step
-from megatron_speech.checkpoint.model_io import load_model_weights
+from megatron_speech.checkpoint.model_io import load_model_weights, untrained_heads
 from megatron_speech.config import format_help, load_config, parse_cli
 from megatron_speech.data.loader import build_eval_loader, build_pretrain_loader
 from megatron_speech.models.wav2vec2.factory import build_model, gumbel_temperature
@@ -100,8 +100,12 @@ def train(cfg, progress: dict[str, int], stop: StopSignal) -> int:
                         recompute_conv=t.recompute_conv)
     resume_from = resume_step(t.save_dir) if t.resume else None  # falls back past a damaged checkpoint
     if resume_from is None and t.init_checkpoint:  # before wrapping: DDP and the optimizer copy the weights
-        load_model_weights(t.init_checkpoint, model)
+        untrained = untrained_heads(load_model_weights(t.init_checkpoint, model))
         logger.info("initialized the model from %s", t.init_checkpoint)
+        if untrained:
+            logger.warning("%s has no trained quantizer (converted from an encoder-only model): %s start from a "
+                           "fresh initialization, so early targets are random codes", t.init_checkpoint,
+                           ", ".join(untrained))
     ddp = wrap_for_training(model, p.use_distributed_optimizer, p.overlap_grad_reduce,
                             overlap_param_gather=p.overlap_param_gather)
     optimizer = build_optimizer(ddp, cfg.optim, t, p)

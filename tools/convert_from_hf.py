@@ -2,11 +2,16 @@
 
     python tools/convert_from_hf.py --hf DIR --output CKPT [--tp N] [--config configs/NAME.yaml]
 
-DIR holds config.json + model.safetensors (or pytorch_model.bin) of a Wav2Vec2ForPreTraining or Wav2Vec2Model
-of the supported family (layer-norm extractor, pre-LN: XLSR-53, XLS-R, large-lv60); others are refused.
-A bare Wav2Vec2Model has no quantizer / projection heads: those start from a fresh initialization.
-The result starts a run with `train.init_checkpoint=CKPT` (pre-training) or `pretrained=CKPT` (fine-tuning); the
-training recipe (data, optim, train, parallel sections) comes from --config (default: configs/xl.yaml).
+DIR holds config.json + model.safetensors (or pytorch_model.bin) of a Wav2Vec2ForPreTraining, Wav2Vec2Model or
+Wav2Vec2ForCTC of the supported family (layer-norm extractor, pre-LN: XLSR-53, XLS-R, large-lv60); others are
+refused. What the directory lacks starts as fairseq would start it, with a warning naming each weight: an
+encoder-only model (Wav2Vec2Model, Wav2Vec2ForCTC) has no quantizer / project_q / project_hid (our model's fresh
+initialization), and transformers saves no masked_spec_embed when mask_time_prob and mask_feature_prob are 0
+(uniform_ in [0, 1)). A fine-tuned model's task head (Wav2Vec2ForCTC's lm_head) is dropped with a note.
+The checkpoint records which weights are untrained; pre-training from it warns that its quantizer starts untrained.
+The result starts a run with `train.init_checkpoint=CKPT` (pre-training) or `pretrained=CKPT` (fine-tuning), or
+is read by `python -m megatron_speech.embed --checkpoint CKPT`; the training recipe (data, optim, train, parallel
+sections) comes from --config (default: configs/xl.yaml).
 Dist checkpoints reshard at load, so --tp only sets the layout this tool writes with (N spawned processes).
 """
 
@@ -55,17 +60,38 @@ def convert(rank: int, world: int, hf_dir: str, output: str, config_path: str, p
     cfg.parallel.tensor_model_parallel_size = world
     initialize_parallel(world, seed=cfg.train.seed)
     model = build_model(model_cfg, tp=world)
+    state, dropped = interop.split_task_heads(state)
     canonical = interop.from_hf(state, model_cfg.num_attention_heads)
     ours = interop.canonical_state_dict(model)
     missing = sorted(set(ours) - set(canonical))
-    heads = ("quantizer.", "project_q.", "project_hid.")
-    if any(not k.startswith(heads) for k in missing):
-        raise ValueError(f"{hf_dir} lacks encoder tensors {missing[:5]}")
-    for k in missing:  # a bare Wav2Vec2Model: keep our fresh initialization of the pre-training heads
+    lacking = [k for k in missing if not k.startswith(interop.HF_OPTIONAL)]
+    if lacking:
+        raise ValueError(f"{hf_dir} lacks encoder weights {[interop.hf_name(k) for k in lacking[:5]]}: a "
+                         "truncated or foreign checkpoint")
+    for k in missing:  # keep the model's fresh initialization (interop.HF_OPTIONAL says why that is fairseq's)
         canonical[k] = ours[k]
+    if rank == 0:
+        _report_absent(hf_dir, missing, dropped)
     interop.load_canonical(model, canonical)
-    save_model_only(output, model, cfg)
+    save_model_only(output, model, cfg, untrained=missing)
     destroy_parallel()
+
+
+def _report_absent(hf_dir: str, missing: list[str], dropped: list[str]) -> None:
+    from megatron_speech.models.wav2vec2 import interop
+
+    heads = [interop.hf_name(k) for k in missing if k != "mask_emb"]
+    if "mask_emb" in missing:
+        print(f"convert_from_hf: warning: {hf_dir} has no wav2vec2.masked_spec_embed (transformers saves it only "
+              "when mask_time_prob or mask_feature_prob > 0): initialized uniform in [0, 1) as fairseq does; "
+              "fine-tuning with finetune.mask_prob > 0 trains it from there", file=sys.stderr)
+    if heads:
+        print(f"convert_from_hf: warning: {hf_dir} is an encoder-only model without {', '.join(heads)}: "
+              "initialized fresh; fine for fine-tuning and embed, but pre-training from it "
+              "(train.init_checkpoint) starts with an untrained quantizer", file=sys.stderr)
+    if dropped:
+        print(f"convert_from_hf: note: dropped the task head {', '.join(dropped)} (fine-tuning builds its own)",
+              file=sys.stderr)
 
 
 def main(argv: list[str]) -> int:

@@ -3,6 +3,7 @@ written as a checkpoint. Used by the converters, `embed`, `evaluate` and `finetu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -11,6 +12,8 @@ from megatron.core import dist_checkpointing, parallel_state
 
 from megatron_speech.checkpoint.checkpointing import LATEST, load_checkpoint, save_checkpoint
 from megatron_speech.config import Config, config_from_dict
+
+UNTRAINED = "untrained_weights"  # trainer-state key: weights a converter initialized rather than trained
 
 
 def resolve(path: str | Path) -> Path:
@@ -67,12 +70,21 @@ def _has_ema(path: Path) -> bool:
     return any(k.startswith("ema.") for k in dist_checkpointing.load_tensors_metadata(str(path)))
 
 
-def save_model_only(save_dir: str | Path, model: torch.nn.Module, cfg: Config, step: int = 0) -> Path:
+def save_model_only(save_dir: str | Path, model: torch.nn.Module, cfg: Config, step: int = 0,
+                    untrained: Sequence[str] = ()) -> Path:
     """A checkpoint holding the model weights and the config (no optimizer): what convert_from_hf writes and
-    train.init_checkpoint / finetune's `pretrained=` read."""
+    train.init_checkpoint / finetune's `pretrained=` read. `untrained`: canonical keys of weights that were
+    initialized, not trained (stored as the trainer state's "untrained_weights"; see untrained_heads)."""
     from megatron_speech.config import config_to_dict
 
-    return save_checkpoint(save_dir, step, model, None, None, None, {"config": config_to_dict(cfg)})
+    return save_checkpoint(save_dir, step, model, None, None, None,
+                           {"config": config_to_dict(cfg), UNTRAINED: list(untrained)})
+
+
+def untrained_heads(trainer_state: dict) -> list[str]:
+    """The pre-training heads (quantizer, project_q, project_hid) a loaded checkpoint never trained: a converted
+    encoder-only model. `trainer_state`: what load_model_weights returns."""
+    return [k for k in trainer_state.get(UNTRAINED, []) if k.startswith(("quantizer.", "project_"))]
 
 
 def world_is_single() -> bool:

@@ -101,3 +101,63 @@ def test_unsupported_hf_model_is_refused(tmp_path):
                         str(tmp_path / "x"), "--config", "configs/tiny.yaml"], cwd=ROOT, capture_output=True,
                        text=True)
     assert r.returncode == 2 and "unsupported wav2vec 2.0 variant" in r.stderr
+
+
+def _tiny_encoder_only(kind: str, **kw):
+    """A random transformers Wav2Vec2Model or Wav2Vec2ForCTC at tiny size (the XLSR layout)."""
+    from tests.hf_reference import hf_tiny_config
+
+    torch.manual_seed(1)
+    cls = {"model": transformers.Wav2Vec2Model, "ctc": transformers.Wav2Vec2ForCTC}[kind]
+    model = cls(hf_tiny_config(**kw)).eval()
+    with torch.no_grad():  # away from HF's init (zero biases, unit norms would hide a mixed-up tensor)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+# Wav2Vec2Model saved with mask_time_prob = mask_feature_prob = 0 has no masked_spec_embed; Wav2Vec2ForCTC has
+# one (mask_time_prob > 0) and an lm_head.
+@pytest.mark.parametrize("kind", ["model", "ctc"])
+def test_encoder_only_models_convert_with_warnings_and_embed_like_transformers(kind, tmp_path):
+    from megatron.core import dist_checkpointing
+
+    from megatron_speech.checkpoint.model_io import checkpoint_config, resolve, untrained_heads
+    from megatron_speech.embed import embed_manifest, load_waveform
+    from megatron_speech.training.finetune_config import load_finetune_config
+
+    hf = _tiny_encoder_only(kind, **({"mask_time_prob": 0.0, "mask_feature_prob": 0.0} if kind == "model" else
+                                     {"vocab_size": 12}))
+    assert any("masked_spec_embed" in k for k in hf.state_dict()) == (kind == "ctc")
+    hf.save_pretrained(tmp_path / "hf")
+    r = subprocess.run([sys.executable, "tools/convert_from_hf.py", "--hf", str(tmp_path / "hf"), "--output",
+                        str(tmp_path / "ckpt"), "--config", "configs/tiny.yaml"], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for absent in ("quantizer.codevectors", "quantizer.weight_proj.weight", "project_q.weight", "project_hid.bias"):
+        assert absent in r.stderr
+    assert ("wav2vec2.masked_spec_embed" in r.stderr) == (kind == "model")
+    assert ("lm_head.weight" in r.stderr) == (kind == "ctc")
+    common = dist_checkpointing.load_common_state_dict(str(resolve(tmp_path / "ckpt")))
+    untrained = common["trainer"]["untrained_weights"]
+    assert "quantizer.codevectors" in untrained and ("mask_emb" in untrained) == (kind == "model")
+    assert "quantizer.codevectors" in untrained_heads(common["trainer"])  # what pre-training warns about
+
+    # every layer over a manifest, against transformers on the same audio
+    rng = np.random.default_rng(0)
+    soundfile.write(tmp_path / "a.wav", rng.standard_normal(int(1.3 * 16000)).astype(np.float32) * 0.1, 16000,
+                    subtype="PCM_16")
+    (tmp_path / "m.jsonl").write_text('{"path": "a.wav"}\n')
+    embed_manifest(str(tmp_path / "ckpt"), str(tmp_path / "m.jsonl"), str(tmp_path / "emb"), "all,final")
+    cfg = checkpoint_config(tmp_path / "ckpt")
+    wave = load_waveform(str(tmp_path / "a.wav"), cfg.data.normalize, cfg.data.normalize_eps)
+    with torch.no_grad():
+        ref = (hf if kind == "model" else hf.wav2vec2)(wave, output_hidden_states=True)
+    layers = [str(i) for i in range(cfg.model.num_layers + 1)]
+    expected = dict(zip(layers, ref.hidden_states, strict=True)) | {"final": ref.last_hidden_state}
+    for name, value in expected.items():
+        np.testing.assert_allclose(np.load(tmp_path / "emb" / name / "a.wav.npy"), value[0].numpy(), atol=1e-4,
+                                   rtol=0, err_msg=f"layer {name}")
+    # and as fine-tuning's pretrained= (its config comes from the checkpoint)
+    ft = load_finetune_config("configs/finetune/phoneme.yaml", [f"pretrained={tmp_path / 'ckpt'}"])
+    assert (ft.model.hidden_size, ft.model.num_layers) == (cfg.model.hidden_size, cfg.model.num_layers)

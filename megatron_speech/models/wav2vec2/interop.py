@@ -43,6 +43,13 @@ QKV = ("encoder.block.layers.{i}.self_attention.linear_qkv.{p}", "wav2vec2.encod
 # Older transformers checkpoints store the weight-normed positional conv as weight_g / weight_v.
 HF_LEGACY = {"pos_conv_embed.conv.weight_g": "pos_conv_embed.conv.parametrizations.weight.original0",
              "pos_conv_embed.conv.weight_v": "pos_conv_embed.conv.parametrizations.weight.original1"}
+# Task heads of transformers' fine-tuned classes (Wav2Vec2ForCTC's lm_head, ...ForSequenceClassification's
+# projector / classifier / layer_weights): not part of the encoder, dropped on import (split_task_heads).
+HF_TASK_HEADS = ("lm_head.", "projector.", "classifier.", "layer_weights")
+# Ours that a transformers checkpoint may lack: an encoder-only class has no pre-training heads, and transformers
+# creates masked_spec_embed only when mask_time_prob or mask_feature_prob > 0. They keep the model's fresh
+# initialization (fairseq's: uniform_ for mask_emb, the quantizer's and projections' own init).
+HF_OPTIONAL = ("mask_emb", "quantizer.", "project_q.", "project_hid.")
 _SLOTS = {"i": r"(?P<i>\d+)", "p": r"(?P<p>weight|bias)", "x": r"(?P<x>[qkv])"}
 
 
@@ -100,6 +107,18 @@ def from_hf(hf: dict[str, torch.Tensor], num_heads: int) -> dict[str, torch.Tens
             raise ValueError(f"layer {i}: attention {p} needs q_proj, k_proj and v_proj; got {sorted(parts)}")
         out[QKV[0].format(i=i, p=p)] = _fuse_qkv(parts["q"], parts["k"], parts["v"], num_heads)
     return out
+
+
+def split_task_heads(hf: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(the state dict without transformers' task heads, the dropped keys): what from_hf accepts."""
+    heads = sorted(k for k in hf if k.startswith(HF_TASK_HEADS))  # top-level: the encoder's are "wav2vec2.*"
+    return {k: v for k, v in hf.items() if k not in heads}, heads
+
+
+def hf_name(canonical_key: str) -> str:
+    """The transformers name of one of our canonical keys (the fused QKV named by its q_proj part)."""
+    m = _QKV_OURS.fullmatch(canonical_key)
+    return QKV[1].format(x="q", **m.groupdict()) if m else _rename(canonical_key, _TO_HF)
 
 
 def _normalize_hf_key(key: str) -> str:
