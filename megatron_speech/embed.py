@@ -2,6 +2,7 @@
 
     python -m megatron_speech.embed --checkpoint CKPT --audio FILE --output OUT.npy [--layer L] [--ema]
 
+CKPT: an iter_NNNNNNN/ folder, a save_dir (its latest checkpoint) or SAVE_DIR/best (train.keep_best).
 OUT.npy is [frames, hidden] float32: without --layer, after the final LayerNorm (transformers'
 last_hidden_state); with --layer L, the output of transformer layer L before any final norm (transformers'
 hidden_states[L]). The audio (any format, rate, channels) is decoded and resampled exactly as
@@ -47,7 +48,8 @@ def embed(checkpoint: str, audio: str, layer: int | None = None, use_ema: bool =
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", required=True,
+                        help="iter_NNNNNNN/ folder, a save_dir (its latest) or SAVE_DIR/best")
     parser.add_argument("--audio", required=True)
     parser.add_argument("--output", required=True)
     parser.add_argument("--layer", type=int, default=None)

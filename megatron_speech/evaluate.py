@@ -3,12 +3,13 @@
     python -m megatron_speech.evaluate --checkpoint CKPT --manifest M [--ema] [--output PRED.jsonl]
                                        [--metrics-json OUT.json] [--max-tokens N]
 
-CKPT: a fine-tuning save_dir (its latest checkpoint) or an iter_NNNNNNN/ folder; its stored config names the task,
-label key and vocabulary. M: preprocessed shards (a PREFIX_{train,valid}.manifest.jsonl of
-tools/preprocess_audio.py), or a manifest of audio files with labels (a JSONL of {"path": ..., "<label key>": ...}
-with paths relative to it, a fairseq TSV, or a folder), decoded exactly as preprocessing does (mono, 16 kHz,
-int16) and normalized as in training. Files that fail to decode and utterances without the label are counted
-and reported, not silently dropped. Runs in one process at TP=1 in fp32 (any training layout loads).
+CKPT: a fine-tuning save_dir (its latest checkpoint), SAVE_DIR/best (train.keep_best) or an iter_NNNNNNN/ folder;
+its stored config names the task, label key and vocabulary. M: preprocessed shards (a
+PREFIX_{train,valid}.manifest.jsonl of tools/preprocess_audio.py), or a manifest of audio files with labels (a
+JSONL of {"path": ..., "<label key>": ...} with paths relative to it, a fairseq TSV, or a folder), decoded exactly
+as preprocessing does (mono, 16 kHz, int16) and normalized as in training. Files that fail to decode and
+utterances without the label are counted and reported, not silently dropped. Runs in one process at TP=1 in
+fp32 (any training layout loads).
 
 Prints one line per metric (PER; WER and CER; accuracy and unweighted accuracy) and, last, the same as one JSON
 object. --output writes one JSON line per utterance: id, reference, hypothesis.
@@ -82,7 +83,8 @@ def evaluate_checkpoint(checkpoint: str, manifest: str, use_ema: bool = False, o
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", required=True,
+                        help="iter_NNNNNNN/ folder, a save_dir (its latest) or SAVE_DIR/best")
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     parser.add_argument("--output", help="per-utterance hypotheses (JSON lines)")

@@ -121,7 +121,7 @@ class Monitor:
                                  f"{floor:.1f} ({t.perplexity_floor_fraction:g} x {self.num_codes} codes) for "
                                  f"{self.low_perplexity_evals} evaluations")
         value, best = float(metrics[self.best_name]), self.best["value"]
-        if best is None or (value > best if self.higher_is_better else value < best):
+        if math.isfinite(value) and (best is None or (value > best if self.higher_is_better else value < best)):
             self.best.update(step=step, value=value)
             self.evals_without_improvement = 0
         else:
