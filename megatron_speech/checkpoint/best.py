@@ -47,7 +47,8 @@ def write_marker(save_dir: str | Path, name: str, step: int) -> None:
 def _move(save_dir: str | Path, step: int, keep_last: int) -> None:
     """Rank 0: name `step` best, then delete the previous best unless the rotation keeps it (or `latest` names it,
     or it is newer than `latest`: a future a fallback resume discarded, which that run's saves replace)."""
-    assert is_complete(save_dir, step), f"{checkpoint_dir(save_dir, step)} is not a complete checkpoint"
+    if not is_complete(save_dir, step):
+        raise ValueError(f"{checkpoint_dir(save_dir, step)} is not a complete checkpoint (no {MANIFEST})")
     previous = best_step(save_dir)
     write_marker(save_dir, BEST, step)
     latest = latest_step(save_dir, LATEST)
@@ -63,7 +64,7 @@ def _rank0_then_agree(fn, what: str) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
             fn()
-        except (OSError, ValueError, AssertionError) as e:
+        except (OSError, ValueError) as e:
             error = f"{what} failed: {e}"
     if dist.is_initialized():
         box = [error]
