@@ -16,13 +16,13 @@ from megatron_speech.config import OptimConfig, ParallelConfig, TrainConfig
 TRI_STAGE = "tri_stage"
 
 
-def build_optimizer(model, optim: OptimConfig, train: TrainConfig, parallel: ParallelConfig):
-    """Adam with weight decay off for biases and norms (megatron's standard overrides), clipping, and
-    megatron's dynamic loss scaler under fp16."""
-    config = OptimizerConfig(
+def optimizer_config(optim: OptimConfig, train: TrainConfig, parallel: ParallelConfig) -> OptimizerConfig:
+    """megatron-core's optimizer settings. Its param groups carry max_lr = lr and min_lr, which the scheduler reads
+    per group: min_lr is the schedule's floor (tri_stage: final_lr_scale x lr)."""
+    return OptimizerConfig(
         optimizer="adam",
         lr=optim.lr,
-        min_lr=optim.min_lr,
+        min_lr=optim.final_lr_scale * optim.lr if optim.lr_schedule == TRI_STAGE else optim.min_lr,
         weight_decay=optim.weight_decay,
         adam_beta1=optim.adam_beta1,
         adam_beta2=optim.adam_beta2,
@@ -38,6 +38,12 @@ def build_optimizer(model, optim: OptimConfig, train: TrainConfig, parallel: Par
         loss_scale_window=train.loss_scale_window,
         hysteresis=train.loss_scale_hysteresis,
     )
+
+
+def build_optimizer(model, optim: OptimConfig, train: TrainConfig, parallel: ParallelConfig):
+    """Adam with weight decay off for biases and norms (megatron's standard overrides), clipping, and
+    megatron's dynamic loss scaler under fp16."""
+    config = optimizer_config(optim, train, parallel)
     patch_torch_adam_state_restore()  # megatron-core 0.16.1 torch-Adam fallback bug (compat)
     optimizer = get_megatron_optimizer(config, [model])
     # megatron's schedules multiply the loss by config.grad_scale_func before backward, and the optimizer divides

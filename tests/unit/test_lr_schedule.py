@@ -9,7 +9,7 @@ import pytest
 import torch
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_speech.training.optim import build_scheduler
+from megatron_speech.training.optim import build_scheduler, optimizer_config
 from tests.fixtures import tiny_config
 
 
@@ -35,8 +35,14 @@ def fairseq_tri_stage(lr: float, max_update: int, phase_ratio, init_lr_scale: fl
     return at
 
 
-def _optimizer():
-    return torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+def _optimizer(cfg=None):
+    """A torch Adam whose param group carries max_lr / min_lr as megatron-core's get_megatron_optimizer sets them
+    from our OptimizerConfig (the scheduler reads them per group)."""
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+    if cfg is not None:
+        config = optimizer_config(cfg.optim, cfg.train, cfg.parallel)
+        optimizer.param_groups[0].update(max_lr=config.lr, min_lr=config.min_lr)
+    return optimizer
 
 
 def _cfg(*overrides: str):
@@ -65,7 +71,7 @@ def test_tri_stage_is_fairseqs_formula_at_every_step(max_steps, ratio, init, fin
     # every step around the phase boundaries and the decay's end, every 7th elsewhere, then beyond the end
     edges = {b + d for b in (0, warmup, warmup + hold, max_steps) for d in range(-3, 4)}
     steps = sorted({n for n in range(0, max_steps + 20, 7)} | {n for n in edges if n >= 0})
-    scheduler, done, got = build_scheduler(_optimizer(), cfg.optim, cfg.train.max_steps), 0, []
+    scheduler, done, got = build_scheduler(_optimizer(cfg), cfg.optim, cfg.train.max_steps), 0, []
     for n in steps:
         scheduler.step(increment=n - done)
         done = n
@@ -79,28 +85,28 @@ def test_tri_stage_is_fairseqs_formula_at_every_step(max_steps, ratio, init, fin
 def test_linear_default_is_megatrons_scheduler_unchanged():
     cfg = _cfg("optim.lr=1e-3", "optim.warmup_steps=10", "optim.decay_steps=100", "optim.min_lr=1e-5")
     assert cfg.optim.lr_schedule == "linear"
-    ours = _lrs(build_scheduler(_optimizer(), cfg.optim, cfg.train.max_steps), 130)
+    ours = _lrs(build_scheduler(_optimizer(cfg), cfg.optim, cfg.train.max_steps), 130)
     megatron = OptimizerParamScheduler(_optimizer(), init_lr=0.0, max_lr=1e-3, min_lr=1e-5, lr_warmup_steps=10,
                                        lr_decay_steps=100, lr_decay_style="linear", start_wd=0.01, end_wd=0.01,
                                        wd_incr_steps=100, wd_incr_style="constant")
     assert ours == _lrs(megatron, 130)
     # and a checkpoint of megatron's own scheduler (a run from before lr_schedule) resumes into ours
-    resumed = build_scheduler(_optimizer(), cfg.optim, cfg.train.max_steps)
+    resumed = build_scheduler(_optimizer(cfg), cfg.optim, cfg.train.max_steps)
     resumed.load_state_dict(megatron.state_dict())
     assert resumed.optimizer.param_groups[0]["lr"] == ours[130]
 
 
 def test_resume_and_the_finetuning_rebuild_give_the_same_lrs():
     cfg = _cfg("optim.lr_schedule=tri_stage", "optim.lr=1e-4", "train.max_steps=200")
-    whole = _lrs(build_scheduler(_optimizer(), cfg.optim, 200), 200)
+    whole = _lrs(build_scheduler(_optimizer(cfg), cfg.optim, 200), 200)
     for k in (0, 7, 20, 21, 99, 100, 150, 200):  # mid-warmup, the boundaries, mid-decay, the end
-        first = build_scheduler(_optimizer(), cfg.optim, 200)
+        first = build_scheduler(_optimizer(cfg), cfg.optim, 200)
         _lrs(first, k)
         state = first.state_dict()
-        resumed = build_scheduler(_optimizer(), cfg.optim, 200)
+        resumed = build_scheduler(_optimizer(cfg), cfg.optim, 200)
         resumed.load_state_dict(state)
         assert [whole[k]] + _lrs(resumed, 200 - k)[1:] == whole[k:]
-        rebuilt = build_scheduler(_optimizer(), cfg.optim, 200)  # finetune_unit.build_trainer's unfreeze
+        rebuilt = build_scheduler(_optimizer(cfg), cfg.optim, 200)  # finetune_unit.build_trainer's unfreeze
         rebuilt.step(increment=k)
         assert rebuilt.optimizer.param_groups[0]["lr"] == whole[k]
     # the checkpoint's schedule wins over a changed config (megatron's use_checkpoint_opt_param_scheduler)
