@@ -5,6 +5,7 @@
                                     [--pool none|mean] [--format npy|shards] [--max-tokens N] [--num-workers N]
                                     [--ema]
 
+CKPT: an iter_NNNNNNN/ folder, a save_dir (its latest checkpoint) or SAVE_DIR/best (train.keep_best).
 One file: OUT.npy is [frames, hidden] float32: without --layer, after the final LayerNorm (transformers'
 last_hidden_state); with --layer L, the output of transformer layer L before any final norm (transformers'
 hidden_states[L]). The audio (any format, rate, channels) is decoded and resampled exactly as
@@ -274,7 +275,8 @@ def embed_manifest(checkpoint: str, manifest: str, output: str, layers: str = "f
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", required=True,
+                        help="iter_NNNNNNN/ folder, a save_dir (its latest) or SAVE_DIR/best")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--audio", help="one audio file -> --output OUT.npy")
     what.add_argument("--manifest", help="a manifest -> --output DIR")

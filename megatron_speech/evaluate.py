@@ -8,9 +8,9 @@
                                        [--metrics-json OUT.json]
 
 Evaluation:
-  --checkpoint CKPT  a fine-tuning save_dir (its latest checkpoint) or an iter_NNNNNNN/ folder; its stored config
-                     names the task, label key and vocabulary. Runs in one process at TP=1 in fp32 (any training
-                     layout loads).
+  --checkpoint CKPT  a fine-tuning save_dir (its latest checkpoint), SAVE_DIR/best (train.keep_best) or an
+                     iter_NNNNNNN/ folder; its stored config names the task, label key and vocabulary. Runs in
+                     one process at TP=1 in fp32 (any training layout loads).
   --manifest M       a test set, repeatable (each is a "set" of the results): preprocessed shards (a
                      PREFIX_{train,valid}.manifest.jsonl of tools/preprocess_audio.py), or a manifest of audio files
                      with labels (a JSONL of {"path": ..., "<label key>": ..., "language": ...} with paths relative
@@ -188,7 +188,7 @@ def _print_metrics(title: str, result: dict[str, Any]) -> None:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint")
+    parser.add_argument("--checkpoint", help="iter_NNNNNNN/ folder, a save_dir (its latest) or SAVE_DIR/best")
     parser.add_argument("--manifest", action="append", help="a test set (repeatable)")
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     parser.add_argument("--max-tokens", type=int, help="padded samples per batch (default: the checkpoint's)")

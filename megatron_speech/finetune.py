@@ -14,7 +14,8 @@ Freezing (finetune.freeze_feature_encoder, finetune.freeze_encoder_steps): train
 
 Validation: every train.eval_interval steps on data.valid_prefix (or data.prefix's valid split), the whole split
 (capped at train.eval_iters micro-batches per rank); metrics.jsonl lines carry `task` and `label_key`; early
-stopping (train.early_stop_patience) watches the valid loss, and the best task metric is reported at the end.
+stopping (train.early_stop_patience) watches train.best_metric (the task's: WER, PER, accuracy), whose best is
+reported at the end and, with train.keep_best, kept as the checkpoint <save_dir>/best names.
 
 Exit codes as pretrain (training/signals.py): 0 done or early-stopped, 75 preempted (saved; requeue), 3 diverged,
 4 a peer rank died or hung, 5 a checkpoint save failed; 2 for a configuration or data error (the message names the

@@ -110,7 +110,7 @@ def train(cfg, progress: dict[str, int], stop: StopSignal) -> int:
                             overlap_param_gather=p.overlap_param_gather)
     optimizer = build_optimizer(ddp, cfg.optim, t, p)
     eval_loader = build_eval_loader(cfg.data, cfg.model, dp_rank, dp, tp, t.seed) if t.eval_interval > 0 else None
-    unit = PretrainUnit(cfg, model, ddp, optimizer, build_scheduler(optimizer, cfg.optim), eval_loader)
+    unit = PretrainUnit(cfg, model, ddp, optimizer, build_scheduler(optimizer, cfg.optim, t.max_steps), eval_loader)
     ema = EMA(model, t.ema_decay)
     monitor = Monitor(cfg, dist.get_rank(), cfg.model.num_codevector_groups * cfg.model.num_codevectors_per_group)
     logger.info("world %d = TP %d x DP %d; %s parameters on this rank", dist.get_world_size(), tp, dp,

@@ -4,7 +4,7 @@
                                   [--model-class pretraining|base|ctc|classification]
 
 Writes config.json, model.safetensors and preprocessor_config.json (Wav2Vec2FeatureExtractor: 16 kHz,
-per-utterance normalization). CKPT is an iter_NNNNNNN/ directory or a save_dir (its latest checkpoint).
+per-utterance normalization). CKPT is an iter_NNNNNNN/ directory, a save_dir (its latest checkpoint) or SAVE_DIR/best.
 The export is safetensors: loading it never unpickles anything (our dist checkpoints are trusted-source only).
 
 Model classes:
@@ -192,7 +192,8 @@ def _ctc_tokenizer(task, out: Path):
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", required=True,
+                        help="iter_NNNNNNN/ folder, a save_dir (its latest) or SAVE_DIR/best")
     parser.add_argument("--output", required=True)
     parser.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
     parser.add_argument("--model-class", default="pretraining", choices=sorted(MODEL_CLASSES))

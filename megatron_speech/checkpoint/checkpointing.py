@@ -5,31 +5,27 @@
 <save_dir>/iter_0001000/manifest.json   every file's size and SHA-256 (integrity.py), written before `latest` moves
 <save_dir>/latest          the step of the newest *complete* checkpoint, replaced atomically (temp + rename)
                            only after every rank finished writing: a crash mid-save leaves the previous one.
+<save_dir>/best            likewise, the best evaluation's checkpoint: out of the keep_last rotation (best.py)
 
 Parallel I/O. Every save and load goes through megatron-core's fully parallel strategy wrappers over the DP
 group: the tensors replicated over DP (model, EMA) are split between the DP ranks for writing, and on load each
-rank reads a share and the ranks exchange the rest, instead of DP rank 0 writing them alone and every rank
-reading everything. The distributed optimizer's state is saved `dp_reshardable` (each DP rank writes its own
-shard as it holds it: no all-gather); such a checkpoint loads at any DP size but only at the TP size that wrote
-it. `save_checkpoint(..., reshardable=True)` writes `fully_reshardable` instead (megatron all-gathers the whole
-optimizer state onto every rank once): that checkpoint loads at any TP/DP layout. The sharding type is recorded
+rank reads a share and the ranks exchange the rest. The distributed optimizer's state is saved `dp_reshardable`
+(each DP rank writes its shard as it holds it: no all-gather), loadable at any DP size but only at the TP size
+that wrote it. `save_checkpoint(..., reshardable=True)` writes `fully_reshardable` instead (megatron all-gathers
+the whole optimizer state onto every rank once): loadable at any TP/DP layout. The sharding type is recorded
 in the checkpoint's content metadata and the load follows it.
 
 Transformer Engine. TE's modules add `_extra_state` objects (FP8 scaling metadata) to the sharded state dict that
 the local spec does not have (e.g. `...core_attention._extra_state`). Loading one spec's checkpoint into the
-other handles them on purpose: an `_extra_state` the checkpoint lacks keeps the module's fresh state (logged),
-one the model does not ask for is ignored; any other key the checkpoint lacks is an error naming it, before
-anything is read.
+other handles them on purpose: an `_extra_state` the checkpoint lacks keeps the module's fresh state (logged), one
+the model does not ask for is ignored; any other key the checkpoint lacks is an error naming it, before any read.
 
-A save that fails (disk full, unwritable) raises SaveError on every rank at the same point, removes its partial
-directory and leaves `latest` alone. Loading verifies the manifest and refuses pickles that would run code
-before torch reads anything; resuming falls back to the newest checkpoint that verifies (keep_last >= 2 keeps
-one to fall back to).
+A failed save (disk full, unwritable) raises SaveError on every rank at once, removes its partial directory, leaves
+`latest` alone. Loading verifies the manifest, refuses code in pickles; resuming falls back to the newest that verifies.
 
 Trust: megatron-core's torch_dist format stores metadata as pickles that torch reads with pickle.load; the checks
 above refuse a pickle that names anything but checkpoint metadata, but the manifest proves integrity, not origin:
-a distributed checkpoint is for trusted sources only. Checkpoints shared with others travel as safetensors
-(tools/convert_to_hf.py).
+a distributed checkpoint is for trusted sources only; shared ones travel as safetensors (tools/convert_to_hf.py).
 """
 
 from __future__ import annotations
@@ -83,6 +79,7 @@ RESHARDABLE_SHARDING = "fully_reshardable"
 SHARDING_KEY = "distrib_optim_sharding_type"
 EXTRA_STATE = "_extra_state"
 LATEST = "latest"
+BEST = "best"
 
 
 class Averages(Protocol):
@@ -104,9 +101,9 @@ def checkpoint_dir(save_dir: str | Path, step: int) -> Path:
     return Path(save_dir) / f"iter_{step:07d}"
 
 
-def latest_step(save_dir: str | Path) -> int | None:
-    """The step recorded in <save_dir>/latest, or None when there is no complete checkpoint."""
-    marker = Path(save_dir) / LATEST
+def latest_step(save_dir: str | Path, name: str = LATEST) -> int | None:
+    """The step recorded in <save_dir>/latest (or the marker `name`), or None when there is no complete checkpoint."""
+    marker = Path(save_dir) / name
     if not marker.exists():
         return None
     text = marker.read_text().strip()
@@ -223,15 +220,19 @@ def save_checkpoint(save_dir: str | Path, step: int, model, optimizer, scheduler
         with open(tmp) as f:
             os.fsync(f.fileno())
         os.replace(tmp, Path(save_dir) / LATEST)
-        if keep_last > 0:
-            # Only checkpoints up to this one count: newer ones are from a run that resumed from further back
-            # (the fallback past a damaged checkpoint); they are replaced when training gets there again.
-            done = sorted(p for p in Path(save_dir).glob("iter_*") if p.is_dir() and p <= path)
-            for old in done[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+        for old in rotated_out(save_dir, path, keep_last):
+            shutil.rmtree(old, ignore_errors=True)
 
     _on_rank0_then_agree(commit, f"committing {path} (manifest, {LATEST})", path)
     return path
+
+
+def rotated_out(save_dir: str | Path, newest: Path, keep_last: int) -> list[Path]:
+    """What keep_last rotation deletes once `newest` is complete: all but the keep_last newest up to it (newer ones
+    are a resumed-from-further-back run's, replaced when training gets there), never the one named by `best`."""
+    done = sorted(p for p in Path(save_dir).glob("iter_*") if p.is_dir() and p <= newest)
+    best = latest_step(save_dir, BEST)
+    return [p for p in done[:-keep_last] if best is None or p.name != f"iter_{best:07d}"] if keep_last > 0 else []
 
 
 def _on_rank0_then_agree(fn, what: str, path: Path) -> None:

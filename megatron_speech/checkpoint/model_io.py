@@ -10,22 +10,37 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
-from megatron_speech.checkpoint.checkpointing import LATEST, load_checkpoint, save_checkpoint
+from megatron_speech.checkpoint.checkpointing import (
+    BEST,
+    LATEST,
+    checkpoint_dir,
+    latest_step,
+    load_checkpoint,
+    save_checkpoint,
+)
 from megatron_speech.config import Config, config_from_dict
 
 UNTRAINED = "untrained_weights"  # trainer-state key: weights a converter initialized rather than trained
 
 
 def resolve(path: str | Path) -> Path:
-    """A checkpoint directory: an iter_NNNNNNN/ folder itself, or a save_dir (its `latest`)."""
+    """A checkpoint directory: an iter_NNNNNNN/ folder itself, a save_dir (its `latest`), or a marker file in one:
+    SAVE_DIR/best (train.keep_best's best checkpoint) or SAVE_DIR/latest."""
     path = Path(path)
     if (path / "metadata.json").exists():
         return path
-    marker = path / LATEST
-    if marker.exists():
-        return path / f"iter_{int(marker.read_text()):07d}"
-    raise ValueError(f"{path} is neither a checkpoint (iter_NNNNNNN/ with metadata.json) nor a save_dir with a "
-                     f"'{LATEST}' file: pass one of those")
+    save_dir, name = (path.parent, path.name) if path.name in (LATEST, BEST) and path.is_file() else (path, LATEST)
+    step = latest_step(save_dir, name)
+    if step is not None:
+        found = checkpoint_dir(save_dir, step)
+        if not (found / "metadata.json").exists():
+            raise ValueError(f"{save_dir / name} names step {step}, but {found} is not a complete checkpoint")
+        return found
+    if path.name == BEST:
+        raise ValueError(f"{path} does not exist: that run kept no best checkpoint (train.keep_best=false or no "
+                         "evaluation yet); pass the save_dir (its latest) or an iter_NNNNNNN/ folder")
+    raise ValueError(f"{path} is neither a checkpoint (iter_NNNNNNN/ with metadata.json), a save_dir with a "
+                     f"'{LATEST}' file, nor SAVE_DIR/{BEST}: pass one of those")
 
 
 def checkpoint_config(path: str | Path) -> Config:

@@ -1,5 +1,6 @@
 """Configuration rules that need two sections, or the world size: what tensor parallelism must divide, whether
-masking fits the shortest crop, recompute against the model's depth, and what fine-tuning asks of the others.
+masking fits the shortest crop, recompute against the model's depth, the tri_stage phases against the run's length,
+the best metric against what the run's evaluation reports, and what fine-tuning asks of the others.
 Each returns its broken rules; Config.validate (run.py) collects them with the sections' own."""
 
 from __future__ import annotations
@@ -54,6 +55,46 @@ def recompute_problems(cfg: Config) -> Problems:
         problems.need(1 <= t.recompute_num_layers <= m.num_layers,
                       f"train.recompute_num_layers={t.recompute_num_layers} must be in [1, model.num_layers="
                       f"{m.num_layers}] with train.recompute_transformer='full'")
+    return problems
+
+
+BEST_METRICS: dict[str, dict[str, bool]] = {
+    "none": {"loss": False, "contrastive": False, "accuracy": True},
+    "asr": {"wer": False, "cer": False, "loss": False},
+    "phoneme": {"per": False, "loss": False},
+    "speaker": {"accuracy": True, "loss": False},
+    "emotion": {"accuracy": True, "unweighted_accuracy": True, "loss": False},
+}
+"""finetune.task ("none" = pre-training) -> the validation metrics train.best_metric may name -> whether higher is
+better; the first is the default. The names are those the evaluation returns (training/step.py global_stats,
+tasks/metrics.py metrics; tests check both)."""
+
+
+def best_metric(cfg: Config) -> tuple[str, bool]:
+    """(train.best_metric, or the run's default; whether higher is better). Raises ValueError for a name the
+    run's evaluation does not report."""
+    choices = BEST_METRICS[cfg.finetune.task]
+    name = cfg.train.best_metric or next(iter(choices))
+    if name not in choices:
+        what = "pre-training" if cfg.finetune.task == "none" else f"finetune.task={cfg.finetune.task}"
+        raise ValueError(f"train.best_metric={name!r} is not a validation metric of {what}: use one of "
+                         f"{', '.join(choices)} (or \"\" for {next(iter(choices))})")
+    return name, choices[name]
+
+
+def training_problems(cfg: Config) -> Problems:
+    """The tri_stage schedule's phases in train.max_steps, and train.best_metric against the task."""
+    o, t, problems = cfg.optim, cfg.train, Problems()
+    if o.lr_schedule == "tri_stage":
+        # fairseq's int(max_update x ratio): megatron's scheduler needs a step after warmup, fairseq's decay one
+        decay_steps = int(t.max_steps * o.phase_ratio[2])
+        problems.need(decay_steps >= 1, f"optim.phase_ratio={list(o.phase_ratio)} gives {decay_steps} decay steps "
+                                        f"of train.max_steps={t.max_steps}: the decay phase needs at least one")
+    if cfg.finetune.task in BEST_METRICS:  # else choice_problems names the task
+        try:
+            best_metric(cfg)
+        except ValueError as e:
+            problems.append(str(e))
     return problems
 
 

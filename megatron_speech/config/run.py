@@ -64,6 +64,7 @@ class Config:
         problems += self.optim.problems()
         problems += self.train.problems()
         problems += rules.recompute_problems(self)
+        problems += rules.training_problems(self)
         problems += self.finetune.problems()
         problems += rules.finetune_problems(self)
         problems += engine.choice_problems(self)

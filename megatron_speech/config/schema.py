@@ -19,6 +19,7 @@ Recompute = Literal["none", "full", "selective"]
 WandbMode = Literal["offline", "online", "disabled"]
 FinetuneTask = Literal["none", "phoneme", "asr", "speaker", "emotion"]
 SaveErrorPolicy = Literal["stop", "continue"]
+LrSchedule = Literal["linear", "tri_stage"]
 
 
 @dataclass
@@ -102,10 +103,21 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """Adam, learning-rate schedule (linear warmup, then polynomial decay) and gradient clipping."""
+    """Adam, learning-rate schedule (linear: warmup then linear decay; or fairseq's tri_stage) and gradient
+    clipping."""
 
     lr: float = 5e-4
     """Peak learning rate, reached at the end of warmup."""
+    lr_schedule: LrSchedule = "linear"
+    """"linear": warmup_steps from 0 to lr, then linear decay to min_lr at decay_steps (megatron-core's). "tri_stage":
+    fairseq's (low-resource fine-tuning): phase_ratio of train.max_steps to warm up linearly from init_lr_scale x lr,
+    hold lr, decay exponentially to final_lr_scale x lr, then stay there; warmup_steps, decay_steps, min_lr unused."""
+    phase_ratio: tuple[float, float, float] = (0.1, 0.4, 0.5)
+    """tri_stage only: [warmup, hold, decay] fractions of train.max_steps (>= 0, summing to 1; fairseq's recipes)."""
+    init_lr_scale: float = 0.01
+    """tri_stage only: the warmup starts at init_lr_scale x lr."""
+    final_lr_scale: float = 0.05
+    """tri_stage only: the decay ends at final_lr_scale x lr, kept to the end (fairseq's recipes: 0.05)."""
     adam_beta1: float = 0.9
     """Adam beta1."""
     adam_beta2: float = 0.98
@@ -138,6 +150,13 @@ class OptimConfig:
         problems.need(o.decay_power > 0, f"optim.decay_power={o.decay_power} must be > 0")
         problems.need(o.decay_steps > o.warmup_steps,
                       f"optim.decay_steps={o.decay_steps} must be > optim.warmup_steps={o.warmup_steps}")
+        ratio = list(o.phase_ratio)
+        problems.need(all(r >= 0 for r in ratio) and abs(sum(ratio) - 1.0) < 1e-6,
+                      f"optim.phase_ratio={ratio}: the [warmup, hold, decay] fractions of train.max_steps must be "
+                      f">= 0 and sum to 1 (they sum to {sum(ratio):g})")
+        for name in ("init_lr_scale", "final_lr_scale"):  # final: exp decay needs log(final_lr_scale)
+            v = getattr(o, name)
+            problems.need(0.0 < v <= 1.0, f"optim.{name}={v} must be in (0, 1] (a fraction of optim.lr)")
         return problems
 
 
@@ -183,7 +202,16 @@ class TrainConfig:
     ema_decay: float = 0.9999
     """Decay per step of an exponential moving average of the weights, saved with checkpoints; 0 = off."""
     early_stop_patience: int = 5
-    """Stop after this many evaluations in a row without a lower valid loss; 0 = off."""
+    """Stop after this many evaluations in a row without a better train.best_metric; 0 = off."""
+    best_metric: str = ""
+    """Validation metric that picks the best checkpoint and that early stopping watches; "" = the run's own: the
+    task's (asr wer, phoneme per, speaker / emotion accuracy) when fine-tuning, loss when pre-training. Error
+    rates and losses are lower-better, accuracies higher-better (config/rules.py BEST_METRICS)."""
+    keep_best: bool = False
+    """Keep the checkpoint of the best evaluation apart from the keep_last rotation (saved at that step if it was
+    not), named by <save_dir>/best; --checkpoint SAVE_DIR/best loads it."""
+    validate_after_steps: int = 0
+    """No evaluation before this step (fairseq's validate_after_updates): e.g. while the encoder is frozen."""
     max_bad_steps: int = 20
     """Stop after this many steps in a row with a NaN/inf loss or gradient (each skipped, on every rank); fp16
     overflows do not count (the loss-scale floor policy watches those)."""
@@ -214,7 +242,8 @@ class TrainConfig:
                           "max_bad_steps", "loss_scale_window", "loss_scale_hysteresis", "initial_loss_scale",
                           "min_loss_scale")
         problems.positive(t, "train", "save_interval", "keep_last", "eval_interval", "early_stop_patience",
-                          "perplexity_floor_evals", "loss_scale_floor_steps", "seed", allow_zero=True)
+                          "perplexity_floor_evals", "loss_scale_floor_steps", "seed", "validate_after_steps",
+                          allow_zero=True)
         problems.positive(t, "train", "collective_timeout_seconds")
         need(t.min_loss_scale <= t.initial_loss_scale,
              f"train.min_loss_scale={t.min_loss_scale} must be <= "
@@ -228,6 +257,8 @@ class TrainConfig:
                                              "train.eval_interval > 0 or train.early_stop_patience=0")
             need(t.perplexity_floor_evals == 0, "train.perplexity_floor_evals > 0 needs evaluations: set "
                                                 "train.eval_interval > 0 or train.perplexity_floor_evals=0")
+            need(not t.keep_best, "train.keep_best=true needs evaluations: set train.eval_interval > 0 or "
+                                  "train.keep_best=false")
         return problems
 
 

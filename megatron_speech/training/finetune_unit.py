@@ -1,5 +1,5 @@
 """Fine-tuning in the shared loop (training/loop.py): the encoder with a task head, the trainer of each freezing
-phase, the task's step and evaluation, and the best task metric kept in the checkpoint.
+phase, the task's step and evaluation (the loop's Monitor keeps the best train.best_metric: the task's by default).
 
 Freezing: the conv feature encoder stays frozen (finetune.freeze_feature_encoder); for the first
 finetune.freeze_encoder_steps steps the whole encoder is frozen and only the head trains. A frozen parameter is out
@@ -18,7 +18,6 @@ from megatron_speech.data.finetune_data import LabeledSplit, eval_batches
 from megatron_speech.models.wav2vec2 import factory
 from megatron_speech.models.wav2vec2.factory import HeadSpec
 from megatron_speech.models.wav2vec2.heads import Wav2Vec2ForFinetuning
-from megatron_speech.tasks.metrics import primary_metric
 from megatron_speech.tasks.task import Task
 from megatron_speech.training.finetune_step import evaluate, train_step
 from megatron_speech.training.loop import TrainUnit
@@ -50,7 +49,7 @@ def build_trainer(model: Wav2Vec2ForFinetuning, cfg, frozen: bool, scheduler_ste
     ddp = wrap_for_training(model, p.use_distributed_optimizer, p.overlap_grad_reduce,
                             overlap_param_gather=p.overlap_param_gather)
     optimizer = build_optimizer(ddp, cfg.optim, cfg.train, p)
-    scheduler = build_scheduler(optimizer, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     if scheduler_steps:
         scheduler.step(increment=scheduler_steps)
     return ddp, optimizer, scheduler
@@ -76,8 +75,6 @@ class FinetuneUnit(TrainUnit):
         self.frozen = ft.freeze_encoder_steps > 0 and step <= ft.freeze_encoder_steps
         self.ddp, self.optimizer, self.scheduler = build_trainer(model, cfg, self.frozen)
         self.tags = {"task": task.name, "label_key": task.label_key}
-        self.best_name, self.higher_is_better = primary_metric(task)
-        self.best: dict[str, Any] = {"step": None, "value": None}
 
     def before_step(self, step: int) -> None:
         if self.frozen and step >= self.cfg.finetune.freeze_encoder_steps:
@@ -102,20 +99,6 @@ class FinetuneUnit(TrainUnit):
                                                           self.dp_size, self.tp_size, t.eval_iters))
 
     def eval_values(self, step: int, metrics: dict[str, float]):
-        value, best = metrics[self.best_name], self.best["value"]
-        if best is None or (value > best if self.higher_is_better else value < best):
-            self.best.update(step=step, value=value)
         shown = " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "num_utterances")
-        # early stopping watches the valid loss (Monitor.check_eval)
-        return self.tags, f"{self.task.describe} | {shown}", {"loss": metrics["loss"]}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best = state.get("best", self.best)
-
-    def finish(self) -> None:
-        if self.best["value"] is not None:
-            logger.info("best valid %s %s: %.4f at step %d", self.task.describe, self.best_name, self.best["value"],
-                        self.best["step"])
+        # the best metric and early stopping watch train.best_metric (Monitor.check_eval)
+        return self.tags, f"{self.task.describe} | {shown}", metrics

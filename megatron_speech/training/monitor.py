@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_speech.common.audio import SAMPLE_RATE
+from megatron_speech.config.rules import best_metric
 
 logger = logging.getLogger("megatron_speech")
 
@@ -27,7 +28,8 @@ class Monitor:
         self.cfg, self.rank, self.num_codes = cfg, rank, num_codes
         t = cfg.train
         self.metrics_path = Path(t.save_dir) / cfg.logging.metrics_file
-        self.best_valid = math.inf
+        self.best_name, self.higher_is_better = best_metric(cfg)
+        self.best: dict[str, Any] = {"metric": self.best_name, "step": None, "value": None}
         self.evals_without_improvement = 0
         self.low_perplexity_evals = 0
         self.bad_steps = 0
@@ -108,7 +110,8 @@ class Monitor:
         return None
 
     def check_eval(self, step: int, metrics: dict[str, float]) -> str | None:
-        """Early stopping: a reason to stop (after saving), or None. Also raises the collapse alarm."""
+        """Keeps the best train.best_metric (`best`: its step and value; a tie is no improvement) and stops early
+        on it: a reason to stop (after saving), or None. Also raises the collapse alarm."""
         t = self.cfg.train
         floor = t.perplexity_floor_fraction * self.num_codes
         if t.perplexity_floor_evals > 0:
@@ -117,13 +120,16 @@ class Monitor:
                 self.alarm(step, f"codebook collapse: code perplexity {metrics['code_perplexity']:.1f} below "
                                  f"{floor:.1f} ({t.perplexity_floor_fraction:g} x {self.num_codes} codes) for "
                                  f"{self.low_perplexity_evals} evaluations")
-        if metrics["loss"] < self.best_valid:
-            self.best_valid, self.evals_without_improvement = metrics["loss"], 0
+        value, best = float(metrics[self.best_name]), self.best["value"]
+        if math.isfinite(value) and (best is None or (value > best if self.higher_is_better else value < best)):
+            self.best.update(step=step, value=value)
+            self.evals_without_improvement = 0
         else:
             self.evals_without_improvement += 1
         if t.early_stop_patience > 0 and self.evals_without_improvement >= t.early_stop_patience:
-            return (f"early stopping: validation loss has not improved on {self.best_valid:.4f} for "
-                    f"{self.evals_without_improvement} evaluations (train.early_stop_patience={t.early_stop_patience})")
+            return (f"early stopping: validation {self.best_name} has not improved on {self.best['value']:.4f} "
+                    f"(step {self.best['step']}) for {self.evals_without_improvement} evaluations "
+                    f"(train.early_stop_patience={t.early_stop_patience})")
         return None
 
     def alarm(self, step: int, message: str) -> None:
@@ -133,11 +139,23 @@ class Monitor:
             self._wandb_call("alert", title="megatron-speech alarm", text=message)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best_valid": self.best_valid, "evals_without_improvement": self.evals_without_improvement,
+        return {"best": dict(self.best), "evals_without_improvement": self.evals_without_improvement,
                 "low_perplexity_evals": self.low_perplexity_evals, "bad_steps": self.bad_steps,
                 "nonfinite_steps": self.nonfinite_steps, "floor_steps": self.floor_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        old_best = state.pop("best_valid", None)  # checkpoints from before train.best_metric: the best valid loss
+        if old_best is not None and math.isfinite(old_best) and self.best_name == "loss":
+            self.best.update(value=old_best)
+        best = state.pop("best", None)
+        if best is not None and best.get("metric") != self.best_name:
+            # another train.best_metric than the checkpoint's run: its best says nothing about this one
+            logger.warning("the checkpoint's best valid %s is not train.best_metric=%s: the best starts over",
+                           best.get("metric"), self.best_name)
+            state["evals_without_improvement"] = 0
+        elif best is not None:
+            self.best = dict(best)
         for k, v in state.items():
             setattr(self, k, v)
 

@@ -250,7 +250,8 @@ def test_te_stage_plumbing_with_the_local_spec_standing_in():
 
 # import name -> the wheel (bench/wheels.txt) that provides it
 DISTRIBUTIONS = {"megatron": "megatron-core", "yaml": "pyyaml", "numpy": "numpy", "soundfile": "soundfile",
-                 "soxr": "soxr", "psutil": "psutil", "rapidfuzz": "rapidfuzz", "packaging": "packaging", "transformers": "transformers",
+                 "soxr": "soxr", "psutil": "psutil", "rapidfuzz": "rapidfuzz", "packaging": "packaging",
+                 "transformers": "transformers",
                  "safetensors": "safetensors", "tqdm": "tqdm"}
 # present on the GPU machine (torch and its own dependencies), optional at run time (never imported by the
 # stages unless configured so), or the project itself

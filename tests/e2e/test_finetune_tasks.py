@@ -2,8 +2,9 @@
 tiny encoder (slow, still run in CI): each beats its trivial baseline (PER / CER below the all-blank output's 1.0,
 accuracy above the most frequent label's). The phoneme run goes through torchrun at DP=2 with the encoder frozen
 for its first steps (the optimizer rebuild under the distributed optimizer and overlapped grad reduce), then
-`evaluate` on raw audio files and the Wav2Vec2ForCTC export, decoded by transformers. A resumed run across the
-freeze boundary repeats the uninterrupted one exactly."""
+`evaluate` on raw audio files and the Wav2Vec2ForCTC export, decoded by transformers, both of its best checkpoint
+(train.keep_best, SAVE_DIR/best). A resumed run across the freeze boundary, on fairseq's tri_stage schedule,
+repeats the uninterrupted one exactly."""
 
 from __future__ import annotations
 
@@ -64,20 +65,27 @@ def test_phoneme_dp2_then_evaluate_and_export(corpus, tmp_path):
     run = tmp_path / "phoneme"
     log = finetune("phoneme", run, f"data.prefix={prefix}", "data.max_tokens=64000", "train.max_steps=200",
                    "optim.decay_steps=200", "freeze_encoder_steps=20", "train.eval_interval=100",
-                   "train.log_interval=10", nproc=2)
+                   "train.log_interval=10", "train.keep_best=true", "train.save_interval=50", nproc=2)
     assert "world 2 = TP 1 x DP 2" in log and "encoder unfrozen" in log
     train = metrics(run, "train")
     assert [train[s]["encoder_frozen"] for s in (10, 20, 30)] == [1, 1, 0]
     assert all(r["task"] == "phoneme" and r["label_key"] == "phonemes" for r in train.values())
-    assert metrics(run, "valid")[200]["per"] < 0.9  # all-blank output: PER 1.0
+    valid = metrics(run, "valid")
+    assert valid[200]["per"] < 0.9  # all-blank output: PER 1.0
+    # the best PER's checkpoint (the first on a tie), kept out of keep_last=1 rotation, named by SAVE_DIR/best
+    best = min(sorted(valid), key=lambda s: valid[s]["per"])
+    assert (run / "best").read_text().strip() == str(best) and (run / "latest").read_text().strip() == "200"
+    assert sorted(p.name for p in run.glob("iter_*")) == sorted({f"iter_{best:07d}", "iter_0000200"})
+    assert f"best valid per: {valid[best]['per']:.4f} at step {best}" in log
 
-    out = tool("-m", "megatron_speech.evaluate", "--checkpoint", str(run), "--manifest", str(test_manifest),
+    out = tool("-m", "megatron_speech.evaluate", "--checkpoint", str(run / "best"), "--manifest", str(test_manifest),
                "--output", str(tmp_path / "hyp.jsonl"))
     result = json.loads(out.strip().splitlines()[-1])
     assert result["num_utterances"] == 12 and result["num_rejected_files"] == 0
     assert result["per"] < 0.9, result
 
-    tool("tools/convert_to_hf.py", "--checkpoint", str(run), "--output", str(tmp_path / "hf"), "--model-class", "ctc")
+    tool("tools/convert_to_hf.py", "--checkpoint", str(run / "best"), "--output", str(tmp_path / "hf"),
+         "--model-class", "ctc")
     hf = transformers.Wav2Vec2ForCTC.from_pretrained(tmp_path / "hf").eval()
     processor = transformers.Wav2Vec2Processor.from_pretrained(tmp_path / "hf")
     cfg = checkpoint_config(run)
@@ -119,8 +127,12 @@ def test_classification_beats_the_majority_label(corpus, tmp_path, task, key):
 def test_resume_across_the_freeze_boundary_is_exact(corpus, tmp_path):
     import shutil
 
+    from tests.unit.test_lr_schedule import fairseq_tri_stage
+
     prefix, _ = corpus
-    common = [f"data.prefix={prefix}", "data.max_tokens=64000", "optim.decay_steps=16", "freeze_encoder_steps=8",
+    # tri_stage [0.25, 0.25, 0.5] of 16 steps: warmup 4, hold to 8 (the unfreeze rebuilds the scheduler), decay
+    common = [f"data.prefix={prefix}", "data.max_tokens=64000", "optim.lr_schedule=tri_stage", "optim.lr=2e-3",
+              "optim.phase_ratio=[0.25, 0.25, 0.5]", "freeze_encoder_steps=8",
               "train.eval_interval=0", "train.log_interval=1", "model.dropout=0.1", "mask_prob=0.2",
               "train.max_steps=16", "train.keep_last=2"]
     finetune("speaker", tmp_path / "straight", "train.save_interval=8", *common)
@@ -133,3 +145,8 @@ def test_resume_across_the_freeze_boundary_is_exact(corpus, tmp_path):
     straight, after = metrics(tmp_path / "straight", "train"), metrics(resumed, "train")
     assert sorted(after) == list(range(9, 17))
     assert [after[s]["loss"] for s in range(9, 17)] == [straight[s]["loss"] for s in range(9, 17)]
+    # the lr after each update is fairseq's, through the unfreeze's rebuild and the resume
+    expected = fairseq_tri_stage(2e-3, 16, (0.25, 0.25, 0.5), 0.01, 0.05)
+    for s in range(1, 17):
+        assert straight[s]["lr"] == pytest.approx(expected(s), rel=1e-6)
+        assert s < 9 or after[s]["lr"] == straight[s]["lr"]

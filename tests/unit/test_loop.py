@@ -46,6 +46,7 @@ class Unit(TrainUnit):
 class Monitor:
     def __init__(self):
         self.logged = []
+        self.best = {"metric": "loss", "step": None, "value": None}
 
     def train_step(self, step, out, lr, loss_scale, values, shown):
         self.logged.append(step)
@@ -65,7 +66,7 @@ class Monitor:
 
 def _loop(unit, loader, tmp_path):
     train = SimpleNamespace(max_steps=3, eval_interval=0, save_interval=0, keep_last=2, on_save_error="stop",
-                            exit_on_signal=True, save_dir=str(tmp_path))
+                            exit_on_signal=True, save_dir=str(tmp_path), keep_best=False, validate_after_steps=0)
     loop = Loop(SimpleNamespace(train=train), unit, loader, SimpleNamespace(enabled=False), Monitor(),
                 SimpleNamespace(requested_here=False, signal_name="SIGUSR1"), {"step": 0})
     saved = []
