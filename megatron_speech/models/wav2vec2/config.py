@@ -44,7 +44,8 @@ class Wav2Vec2Config:
     """Dropout on attention probabilities."""
     layerdrop: float = 0.0
     """Probability that a training micro-batch skips a transformer layer (fairseq encoder_layerdrop, transformers
-    layerdrop; XLS-R fine-tuning: 0.1). Never in evaluation; not part of the architecture (fine-tuning may set it)."""
+    layerdrop; fairseq's large-model fine-tuning recipes use 0.1). Never in evaluation; not part of the architecture
+    (fine-tuning may set it)."""
     activation_dropout: float = 0.0
     """Dropout after the FFN activation (megatron-core's MLP has none: must stay 0)."""
     feature_proj_dropout: float = 0.1
