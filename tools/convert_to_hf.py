@@ -3,8 +3,9 @@
     python tools/convert_to_hf.py --checkpoint CKPT --output DIR [--ema]
                                   [--model-class pretraining|base|ctc|classification]
 
-Writes config.json, model.safetensors and preprocessor_config.json (Wav2Vec2FeatureExtractor: 16 kHz,
-per-utterance normalization). CKPT is an iter_NNNNNNN/ directory, a save_dir (its latest checkpoint) or SAVE_DIR/best.
+Writes config.json (model.layerdrop as `layerdrop`, which transformers applies when training the export),
+model.safetensors and preprocessor_config.json (Wav2Vec2FeatureExtractor: 16 kHz, per-utterance normalization).
+CKPT is an iter_NNNNNNN/ directory, a save_dir (its latest checkpoint) or SAVE_DIR/best.
 The export is safetensors: loading it never unpickles anything (our dist checkpoints are trusted-source only).
 
 Model classes:

@@ -22,6 +22,9 @@ EPOCH_STREAM = 0x45504F43
 bucketing ties and batch order."""
 PADDED_BATCH_STREAM = 0x46544E42
 """"FTNB": fine-tuning's padded batches (data/finetune_data.py), keyed (seed, epoch, 1, 0): ties and batch order."""
+LAYERDROP_STREAM = 0x4C445250
+""""LDRP": a micro-batch's LayerDrop skips (models/wav2vec2/layerdrop.py), keyed (seed, step, micro_step, 0): every DP
+rank skips the same layers. Not UTTERANCE_STREAM + 1: that range belongs to the utterances of a batch."""
 
 # --- keys -----------------------------------------------------------------------------------------------------
 EVAL_MICRO_STEP = 0xFFFF

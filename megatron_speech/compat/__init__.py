@@ -24,6 +24,8 @@ compat/megatron_core.py
     (and disable_forward_pre_hook under overlap_param_gather) makes them no-ops (fine-tuning's unfreeze);
   - finalize_grads: finalize_model_grads (0.16.1's finalize_model_grads_func signature) without its division by
     the token count, plus the TP sum of local-slice gradients with SP off (training/parallelize.py binds it);
+  - zero_gradients_anchor: DDP's overlapped reduce waits for a gradient hook of every parameter of a bucket; a
+    layer LayerDrop skips adds a zero that reaches its parameters, so their hooks fire (layer_spec.py);
   - attention_mask_type / mask_type_from_call: BERT specs fix the `padding` mask type at build time and TE
     asserts on padding without a mask: the core attention takes its type from each call;
   - TORCH_DIST_METADATA_GLOBALS: the megatron classes torch_dist pickles into `.metadata`, allowed by

@@ -7,7 +7,7 @@ stays a torch-only import.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -168,6 +168,24 @@ def finalize_grads(model_chunks: list, num_tokens: torch.Tensor | None = None, p
     torch.distributed.all_reduce(coalesced, group=tp_group)
     for buf, synced in zip(grads, _unflatten_dense_tensors(coalesced, grads)):
         buf.copy_(synced)
+
+
+def zero_gradients_anchor(params: Iterable[torch.nn.Parameter]) -> torch.Tensor | None:
+    """A scalar 0 that depends on every trainable one of `params` (None when none is): added to the output of a
+    module that did not run (a layer LayerDrop skips), it gives each of them a zero gradient, as if it had run.
+    megatron-core 0.16.1's DDP marks a parameter's gradient ready in a hook on its gradient accumulator, which fires
+    only when autograd reaches the parameter; with overlap_grad_reduce a bucket is reduced only once all of its
+    parameters are ready on the last micro-batch, so a parameter without a gradient leaves its bucket unreduced:
+    finish_grad_sync asserts "Communication call has not been issued for this bucket" (or, on the first step, whose
+    counts become the expected ones, the bucket group's reset asserts on the next). With the anchor every hook fires
+    once per micro-batch whichever layers ran, under micro-batching, recompute (it fires in the recomputation) and
+    the distributed optimizer alike; the gradients are exact zeros (finite for fp16's scaler, nothing to clip) and
+    the optimizer treats the parameter as one with a zero gradient (Adam's moments still move it, as megatron does
+    for any zero gradient). The cost is one gradient-sized zero per parameter."""
+    firsts = [p.reshape(-1)[:1].float() for p in params if p.requires_grad]  # one element each: no overflow
+    if not firsts:
+        return None
+    return torch.cat(firsts).sum() * 0.0
 
 
 # ------------------------------------------------------------------------------------------------------------

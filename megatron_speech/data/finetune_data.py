@@ -10,7 +10,8 @@ A micro-batch: {"waveform": float32 [B, T] (each utterance normalized on its own
 rule), "mask": bool [B, F] or None, "channel_mask": bool [B, H] or None, "targets": int64 (CTC: the utterances'
 token ids concatenated; classification: [B] class ids), "target_lengths": int64 [B], "target_min_frames": int64
 [B] (CTC: tokens + repeated neighbours, the fewest frames an alignment needs), "references": [B] raw label values
-(for the metrics), "ids", "num_samples" (real audio samples), "step", "micro_step"}.
+(for the metrics), "ids", "num_samples" (real audio samples), "skip_layers" (LayerDrop's skipped layers when training,
+models/wav2vec2/layerdrop.py; else empty), "step", "micro_step"}.
 
 F = the frames of the longest utterance rounded up to a multiple of tp, and T = max(longest, stride (F - 1) +
 receptive_field) (the model's ConvGeometry):
@@ -48,6 +49,7 @@ from megatron_speech.data.augment import Augmenter
 from megatron_speech.data.dataset import AudioShards, manifest_path
 from megatron_speech.data.sampler import DynamicBatchSampler, Slot
 from megatron_speech.data.stream import EvalLoader, ResumableLoader, build_augmenter
+from megatron_speech.models.wav2vec2.layerdrop import layer_skips
 from megatron_speech.models.wav2vec2.masker import compute_span_mask
 from megatron_speech.tasks.task import Task
 
@@ -210,13 +212,16 @@ class BatchSpec:
     mask_length: int = 10
     channel_prob: float = 0.0
     channel_length: int = 64
+    num_layers: int = 0
+    layerdrop: float = 0.0
 
 
 def batch_spec(task: Task, cfg, tp_size: int) -> BatchSpec:
     ft = cfg.finetune
     eps = cfg.data.normalize_eps if cfg.data.normalize else None
     return BatchSpec(task, cfg.model.geometry, cfg.model.hidden_size, tp_size, cfg.train.seed, eps,
-                     ft.mask_prob, ft.mask_length, ft.mask_channel_prob, ft.mask_channel_length)
+                     ft.mask_prob, ft.mask_length, ft.mask_channel_prob, ft.mask_channel_length, cfg.model.num_layers,
+                     cfg.model.layerdrop)
 
 
 def padded_num_frames(longest_samples: int, geometry: ConvGeometry, tp_size: int) -> int:
@@ -306,6 +311,8 @@ class FinetuneBatchBuilder:
             "references": references,
             "ids": ids,
             "num_samples": int(sum(lengths)),
+            "skip_layers": layer_skips(spec.seed, step, micro_step, spec.num_layers, spec.layerdrop) if self.train
+            else (),
             "step": step,
             "micro_step": micro_step,
         }

@@ -8,18 +8,21 @@
         checkpoint["data"] = loader.state_dict()     # global batches consumed: resume yields exactly the rest
 
 A micro-batch: {"waveform": float32 [B, T], "mask": bool [B, F], "negatives": int64 [B, F, K],
-"channel_mask": bool [B, H] or None, "num_samples": B * T, "ids": [B utterance ids], "step", "micro_step"} with
+"channel_mask": bool [B, H] or None, "skip_layers": tuple of the 0-based transformer layers LayerDrop skips (empty
+without model.layerdrop, and in evaluation), "num_samples": B * T, "ids": [B utterance ids], "step", "micro_step"} with
 T = stride (F - 1) + receptive_field exactly and F a multiple of tp (data/crop.py): no padding in pre-training.
 Every TP rank of a DP group builds the same loader (same dp_rank) and gets bit-identical micro-batches.
 
 Determinism: a micro-batch is a pure function of its slot (sampler.py) and the seed. Crop offsets and augmentation
 of utterance b use counter_rng(seed, step, micro_step, dp_rank, UTTERANCE_STREAM + b), the time mask and
-negatives MASK_STREAM, the channel mask CHANNEL_STREAM (common/rng.py). The builder emits numpy; the stream
+negatives MASK_STREAM, the channel mask CHANNEL_STREAM, LayerDrop's skips LAYERDROP_STREAM with dp_rank 0 (the same
+on every DP rank: models/wav2vec2/layerdrop.py says why) (common/rng.py). The builder emits numpy; the stream
 (data/stream.py: workers, signals, resume, tensors) is the one fine-tuning uses too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -37,6 +40,7 @@ from megatron_speech.data.dataset import Corpus, corpus_names
 from megatron_speech.data.noise import check_noise_source
 from megatron_speech.data.sampler import DynamicBatchSampler, Slot
 from megatron_speech.data.stream import EvalLoader, ResumableLoader, build_augmenter
+from megatron_speech.models.wav2vec2.layerdrop import layer_skips
 from megatron_speech.models.wav2vec2.masker import compute_span_mask, sample_negatives
 
 logger = logging.getLogger(__name__)
@@ -44,7 +48,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class MaskingSpec:
-    """What the crops, masks and distractors need, in frames / channels (from the model config)."""
+    """What the crops, masks, distractors and LayerDrop's skips need, in frames / channels (from the model
+    config)."""
 
     geometry: ConvGeometry
     mask_prob: float
@@ -54,6 +59,8 @@ class MaskingSpec:
     channel_prob: float = 0.0
     channel_length: int = 10
     hidden_size: int = 0
+    num_layers: int = 0
+    layerdrop: float = 0.0
 
     @property
     def min_frames(self) -> int:
@@ -65,7 +72,7 @@ def masking_spec(model_cfg: Any) -> MaskingSpec:
     """The MaskingSpec of a model config (Wav2Vec2Config)."""
     return MaskingSpec(model_cfg.geometry, model_cfg.mask_prob, model_cfg.mask_length_frames,
                        model_cfg.mask_min_masks, model_cfg.num_negatives, model_cfg.mask_channel_prob,
-                       model_cfg.mask_channel_length, model_cfg.hidden_size)
+                       model_cfg.mask_channel_length, model_cfg.hidden_size, model_cfg.num_layers, model_cfg.layerdrop)
 
 
 class MicroBatchBuilder:
@@ -116,6 +123,7 @@ class MicroBatchBuilder:
             "mask": mask,
             "negatives": negatives,
             "channel_mask": channel_mask,
+            "skip_layers": layer_skips(self.seed, slot.step, slot.micro_step, m.num_layers, m.layerdrop),
             "num_samples": batch * num_samples,
             "ids": [self.shards.id(i) for i in slot.indices.tolist()],
             "step": slot.step,
@@ -222,7 +230,7 @@ def build_eval_loader(data_cfg: Any, model_cfg: Any, dp_rank: int, dp_size: int,
                       seed: int, *, pin_memory: bool = False) -> EvalLoader:
     """Evaluation loader over the valid split of data.valid_prefix (default: data.prefix): no augmentation,
     natural proportions, and the same batches, crops and masks at every evaluation."""
-    masking = masking_spec(model_cfg)
+    masking = dataclasses.replace(masking_spec(model_cfg), layerdrop=0.0)  # evaluation runs every layer
     max_samples = round(data_cfg.max_sample_seconds * SAMPLE_RATE)
     prefixes = data_cfg.valid_prefix or data_cfg.prefix
     corpus = Corpus(prefixes, "valid")

@@ -70,11 +70,11 @@ def loss_func(task: Task, share: float, with_scores: bool, normalizer: float, ba
 
 
 def forward_step(task: Task, with_scores: bool, batch_iterator, model, normalizer: float = 1.0):
-    """Waveform positionally (Float16Module casts positional inputs only), masks by keyword."""
+    """Waveform positionally (Float16Module casts positional inputs only), masks and LayerDrop's skips by keyword."""
     batch = to_device(next(batch_iterator))
     share = 1.0 / get_attr_wrapped_model(model, "tp_group").size()
     logits = model(batch["waveform"], padding_mask=batch["padding_mask"], mask=batch.get("mask"),
-                   channel_mask=batch.get("channel_mask"))
+                   channel_mask=batch.get("channel_mask"), skip_layers=batch.get("skip_layers", ()))
     return logits, partial(loss_func, task, share, with_scores, normalizer, batch)
 
 

@@ -72,10 +72,11 @@ def to_device(batch: dict[str, Any], device: torch.device | None = None) -> dict
 
 def forward_step(batch_iterator: Iterator[dict[str, Any]], model, normalizer: float = 1.0):
     """Reads one micro-batch: waveform [B, T] positionally (Float16Module casts positional inputs only), the
-    integer masks and distractor indices by keyword. `normalizer`: the global masked-frame count of the step."""
+    integer masks, distractor indices and LayerDrop's skipped layers (a host tuple) by keyword. `normalizer`: the
+    global masked-frame count of the step."""
     batch = to_device(next(batch_iterator))
     output = model(batch["waveform"], mask=batch["mask"], negatives=batch["negatives"],
-                   channel_mask=batch.get("channel_mask"))
+                   channel_mask=batch.get("channel_mask"), skip_layers=batch.get("skip_layers", ()))
     return output, partial(loss_func, normalizer)
 
 

@@ -1,6 +1,7 @@
 """A fine-tuning step at TP=2 (sequence parallelism off and on) equals TP=1: the loss and every gradient, encoder
 (conv feature encoder included, so the time-sliced partial gradients are summed) and head, with a padded batch,
-time and channel masks; CTC over the last hidden state and a pooled classifier over the weighted layer sum."""
+time and channel masks; CTC over the last hidden state and a pooled classifier over the weighted layer sum; each
+also with a layer skipped by LayerDrop (the block path and the per-layer path of the weighted sum)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 
 from tests.dist import run_ranks
 
-CASES = (("ctc", False), ("classification", True))  # (head kind, layer weighting)
+# (head kind, layer weighting, layers LayerDrop skips)
+CASES = (("ctc", False, ()), ("classification", True, ()), ("ctc", False, (1,)), ("classification", True, (0,)))
 
 
 def _batch(cfg, kind: str) -> dict:
@@ -52,14 +54,14 @@ def _rank(rank: int, world: int, weights: str):
     initialize_parallel(world, seed=5)
     cfg = tiny_config(dropout=0.0)
     results = {}
-    for kind, layer_weighting in CASES:
+    for case, (kind, layer_weighting, skips) in enumerate(CASES):
         task = Task("phoneme", "phonemes", tuple(f"p{i}" for i in range(6))) if kind == "ctc" else \
             Task("emotion", "arousal_proxy", ("high", "low", "neutral"))
         for sp in ((False,) if world == 1 else (False, True)):
             model = build_model(cfg.model, tp=world, sequence_parallel=sp,
                                 head=HeadSpec(kind, task.num_outputs, layer_weighting))
             wav2vec2 = model.wav2vec2
-            path = f"{weights}.{kind}"
+            path = f"{weights}.{case}"
             if world == 1:
                 with torch.no_grad():
                     for p in model.head_params():
@@ -74,10 +76,11 @@ def _rank(rank: int, world: int, weights: str):
             model.set_trainable(encoder=True, feature_encoder=True, mask_emb=True)
             ddp = wrap_for_training(model, use_distributed_optimizer=False)
             ddp.zero_grad_buffer()
-            sums = global_sums(task, run_micro_batches(ddp, task, [_batch(cfg, kind)]), with_scores=False)
+            batch = {**_batch(cfg, kind), "skip_layers": skips}
+            sums = global_sums(task, run_micro_batches(ddp, task, [batch]), with_scores=False)
             grads = interop.canonical_state_dict(wav2vec2, grads=True)
             grads.update({f"head.{i}": p.main_grad.clone() for i, p in enumerate(model.head_params())})
-            results[(kind, sp)] = (sums["loss_sum"], sums["num_utterances"], grads)
+            results[(case, sp)] = (sums["loss_sum"], sums["num_utterances"], grads)
     return results
 
 
@@ -85,12 +88,12 @@ def test_tp2_finetuning_step_equals_tp1(tmp_path):
     weights = str(tmp_path / "weights")
     (single,) = run_ranks(_rank, 1, weights)
     pair = run_ranks(_rank, 2, weights)
-    for kind, _ in CASES:
-        loss1, count1, grads1 = single[(kind, False)]
+    for case, (kind, _, skips) in enumerate(CASES):
+        loss1, count1, grads1 = single[(case, False)]
         assert count1 == 3
         for sp in (False, True):
             for rank in (0, 1):
-                loss2, count2, grads2 = pair[rank][(kind, sp)]
+                loss2, count2, grads2 = pair[rank][(case, sp)]
                 assert count2 == count1
                 np.testing.assert_allclose(loss2, loss1, rtol=1e-5)
                 assert grads2.keys() == grads1.keys() and len(grads1) > 20
@@ -98,3 +101,6 @@ def test_tp2_finetuning_step_equals_tp1(tmp_path):
                     scale = float(grads1[name].abs().max())
                     torch.testing.assert_close(grads2[name], grads1[name], atol=2e-5 * scale, rtol=0,
                                                msg=lambda m, n=name, k=kind, s=sp: f"{k} sp={s} {n}: {m}")
+        skipped = [n for n in grads1 if n.startswith(tuple(f"encoder.block.layers.{i}." for i in skips))]
+        assert len(skipped) == 12 * len(skips)  # every tensor of a skipped layer: zero, on TP=1 and (above) TP=2
+        assert all(float(grads1[n].abs().max()) == 0 for n in skipped)

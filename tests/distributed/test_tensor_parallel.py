@@ -2,7 +2,8 @@
 
 Every case runs 2 spawned gloo ranks with TP=2 and compares with a TP=1 run on the same weights and batch:
 the loss (summed over TP ranks) and every gradient (TP-sharded ones gathered; the others must be identical on
-both ranks). Cases are rows of a table: layout x sequence parallelism x batch.
+both ranks). Cases are rows of a table: layout x sequence parallelism x batch. The "layerdrop" batch skips a layer
+as the loader draws it (models/wav2vec2/layerdrop.py): both TP ranks skip it and match TP=1 skipping it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,14 @@ def _config(dropout: float):
     return tiny_config(dropout=dropout).model
 
 
+def _skips(num_layers: int) -> tuple[int, ...]:
+    """The first draw at layerdrop 0.5 that skips some but not all layers."""
+    from megatron_speech.models.wav2vec2.layerdrop import layer_skips
+
+    return next(s for s in (layer_skips(3, step, 0, num_layers, 0.5) for step in range(100))
+                if 0 < len(s) < num_layers)
+
+
 def _batch(cfg, kind: str):
     from megatron_speech.common.rng import counter_rng
     from megatron_speech.models.wav2vec2.masker import compute_span_mask, sample_negatives
@@ -32,7 +41,9 @@ def _batch(cfg, kind: str):
     else:
         mask = compute_span_mask((b, f), cfg.mask_prob, cfg.mask_length_frames, rng, min_masks=2)
     neg = sample_negatives(mask, cfg.num_negatives, rng)
-    return {"waveform": wave, "mask": torch.from_numpy(mask), "negatives": torch.from_numpy(neg)}
+    skips = _skips(cfg.num_layers) if kind == "layerdrop" else ()
+    return {"waveform": wave, "mask": torch.from_numpy(mask), "negatives": torch.from_numpy(neg),
+            "skip_layers": skips}
 
 
 def _grads_rank(rank: int, world_size: int, sequence_parallel: bool, kind: str, weights: str):
@@ -64,6 +75,7 @@ CASES = [  # (sequence_parallel, batch kind)
     (True, "random"),
     (False, "one_rank_unmasked"),
     (True, "one_rank_unmasked"),
+    (True, "layerdrop"),
 ]
 
 
@@ -77,8 +89,13 @@ def test_tp2_matches_tp1(tmp_path, sequence_parallel, kind):
     torch.testing.assert_close(stats[:3], ref_stats[:3], rtol=1e-5, atol=1e-5)
     if kind == "one_rank_unmasked":
         assert ranks[1][0][2] == 0 and ranks[0][0][2] > 0  # rank 1 really held no masked frame
+    skipped = tuple(f"encoder.block.layers.{i}." for i in _batch(_config(0.0), kind)["skip_layers"])
+    assert skipped or kind != "layerdrop"
     for name, ref in ref_grads.items():
         scale = ref.abs().max()
+        if skipped and name.startswith(skipped):  # a skipped layer: zero gradients on every rank
+            assert scale == 0 and all(grads[name].abs().max() == 0 for _, grads in ranks), name
+            continue
         assert scale > 0, name
         for rank, (_, grads) in enumerate(ranks):
             err = (grads[name] - ref).abs().max()

@@ -71,11 +71,22 @@ def test_transformers_on_the_export_matches_embed(exported, layer):
 
 
 def test_hf_to_ours_to_hf_round_trips_exactly(exported):
+    import json
+    import shutil
+
     from safetensors.torch import load_file
 
-    tool("tools/convert_from_hf.py", "--hf", str(exported / "hf"), "--output", str(exported / "imported"),
+    # an HF model trained with layerdrop (XLS-R's configs say 0.1): the setting survives both tools
+    shutil.copytree(exported / "hf", exported / "hf_layerdrop")
+    config = json.loads((exported / "hf_layerdrop" / "config.json").read_text())
+    (exported / "hf_layerdrop" / "config.json").write_text(json.dumps({**config, "layerdrop": 0.25}))
+    tool("tools/convert_from_hf.py", "--hf", str(exported / "hf_layerdrop"), "--output", str(exported / "imported"),
          "--config", "configs/tiny.yaml", "--tp", "2")
     tool("tools/convert_to_hf.py", "--checkpoint", str(exported / "imported"), "--output", str(exported / "hf2"))
+    from megatron_speech.checkpoint.model_io import checkpoint_config
+
+    assert checkpoint_config(exported / "imported").model.layerdrop == 0.25
+    assert transformers.Wav2Vec2Config.from_pretrained(exported / "hf2").layerdrop == 0.25
     first, second = load_file(exported / "hf" / "model.safetensors"), load_file(exported / "hf2" / "model.safetensors")
     assert first.keys() == second.keys() and len(first) > 20
     for k in first:

@@ -3,8 +3,8 @@ tiny encoder (slow, still run in CI): each beats its trivial baseline (PER / CER
 accuracy above the most frequent label's). The phoneme run goes through torchrun at DP=2 with the encoder frozen
 for its first steps (the optimizer rebuild under the distributed optimizer and overlapped grad reduce), then
 `evaluate` on raw audio files and the Wav2Vec2ForCTC export, decoded by transformers, both of its best checkpoint
-(train.keep_best, SAVE_DIR/best). A resumed run across the freeze boundary, on fairseq's tri_stage schedule,
-repeats the uninterrupted one exactly."""
+(train.keep_best, SAVE_DIR/best). A resumed run across the freeze boundary, on fairseq's tri_stage schedule and with
+LayerDrop on, repeats the uninterrupted one exactly."""
 
 from __future__ import annotations
 
@@ -130,11 +130,13 @@ def test_resume_across_the_freeze_boundary_is_exact(corpus, tmp_path):
     from tests.unit.test_lr_schedule import fairseq_tri_stage
 
     prefix, _ = corpus
-    # tri_stage [0.25, 0.25, 0.5] of 16 steps: warmup 4, hold to 8 (the unfreeze rebuilds the scheduler), decay
+    # tri_stage [0.25, 0.25, 0.5] of 16 steps: warmup 4, hold to 8 (the unfreeze rebuilds the scheduler), decay.
+    # LayerDrop on (its skips come from the step's counter key: nothing saved, the same after the resume), through
+    # the frozen phase and the overlapped reduce after the unfreeze.
     common = [f"data.prefix={prefix}", "data.max_tokens=64000", "optim.lr_schedule=tri_stage", "optim.lr=2e-3",
               "optim.phase_ratio=[0.25, 0.25, 0.5]", "freeze_encoder_steps=8",
               "train.eval_interval=0", "train.log_interval=1", "model.dropout=0.1", "mask_prob=0.2",
-              "train.max_steps=16", "train.keep_last=2"]
+              "model.layerdrop=0.3", "train.max_steps=16", "train.keep_last=2"]
     finetune("speaker", tmp_path / "straight", "train.save_interval=8", *common)
     # Its step-8 checkpoint (head-only optimizer: the last frozen update) is what a run stopped there leaves.
     resumed = tmp_path / "resumed"

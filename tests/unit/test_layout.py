@@ -112,9 +112,10 @@ def test_no_module_over_450_lines():
 
 
 def test_data_reads_at_run_time_and_imports_no_model_but_the_masker():
-    """data/ is what training reads at run time: it may use the masker (masks and distractors are drawn in the
-    workers) and the neutral modules, never the model, the trainer or the checkpoints."""
-    allowed = {"megatron_speech.models.wav2vec2.masker"}
+    """data/ is what training reads at run time: it may use the masker and LayerDrop's draw (masks, distractors and
+    skipped layers are drawn in the workers; both modules are numpy only) and the neutral modules, never the model,
+    the trainer or the checkpoints."""
+    allowed = {"megatron_speech.models.wav2vec2.masker", "megatron_speech.models.wav2vec2.layerdrop"}
     found = [f"{path.relative_to(PACKAGE.parent)}:{line} imports {name}"
              for path in sorted((PACKAGE / "data").rglob("*.py")) for name, line in _module_imports(path)
              if _unit(name) in {"models", "training", "checkpoint", "parallel", "compat"} and name not in allowed]

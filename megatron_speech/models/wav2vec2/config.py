@@ -42,6 +42,10 @@ class Wav2Vec2Config:
     """Dropout on the transformer's residual branches and after the positional embedding."""
     attention_dropout: float = 0.1
     """Dropout on attention probabilities."""
+    layerdrop: float = 0.0
+    """Probability that a training micro-batch skips a transformer layer (fairseq encoder_layerdrop, transformers
+    layerdrop; fairseq's large-model fine-tuning recipes use 0.1). Never in evaluation; not part of the architecture
+    (fine-tuning may set it)."""
     activation_dropout: float = 0.0
     """Dropout after the FFN activation (megatron-core's MLP has none: must stay 0)."""
     feature_proj_dropout: float = 0.1
@@ -150,7 +154,7 @@ class Wav2Vec2Config:
         if self.activation_dropout != 0.0:
             raise ValueError("model.activation_dropout must be 0: megatron-core's MLP has no inner dropout")
         for name in ("mask_prob", "mask_channel_prob", "dropout", "attention_dropout", "feature_proj_dropout",
-                     "feature_quantizer_dropout"):
+                     "feature_quantizer_dropout", "layerdrop"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
                 raise ValueError(f"model.{name}={v} must be in [0, 1)")

@@ -15,6 +15,7 @@ parameters replicated (docs/design.md §3 lets us pick; this is the simpler of t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
@@ -64,10 +65,13 @@ class Wav2Vec2Encoder(MegatronModule):
             self._dropout_rng = nullcontext
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                output_layer: int | None = None, all_layers: bool = False):
+                output_layer: int | None = None, all_layers: bool = False, skip_layers: Sequence[int] = ()):
         """`attention_mask` [b, 1, 1, s] True at padded frames. `output_layer` L returns the output of
         transformer layer L (1-based) before any final norm, like transformers' hidden_states[L]; `all_layers`
-        returns [hidden_states[0], ..., hidden_states[L], final output] (a SUPERB-style weighted sum)."""
+        returns [hidden_states[0], ..., hidden_states[L], final output] (a SUPERB-style weighted sum).
+        `skip_layers`: 0-based layers LayerDrop skips in this forward when training (layerdrop.py); a skipped
+        layer's hidden state is its input, as transformers' (the same on every TP rank: the micro-batch's)."""
+        self._set_skips(skip_layers)
         x = self._to_block(x)
         # pos conv over [b, s, h]; [s, b, h] <-> [b, s, h] at each side
         pos = self.pos_conv(self._pos_in(x).transpose(0, 1)).transpose(0, 1)
@@ -89,3 +93,11 @@ class Wav2Vec2Encoder(MegatronModule):
                 return self._from_block(x)
             outputs.append(self.block.final_layernorm(x))
         return [self._from_block(h) for h in outputs]
+
+    def _set_skips(self, skip_layers: Sequence[int]) -> None:
+        # every layer's flag, every forward (LayerDropTransformerLayer says why they outlive it)
+        num = len(self.block.layers)
+        if any(not 0 <= i < num for i in skip_layers):
+            raise ValueError(f"skip_layers={tuple(skip_layers)}: the model has layers 0..{num - 1}")
+        for i, layer in enumerate(self.block.layers):
+            layer.skip = i in skip_layers

@@ -18,6 +18,8 @@ the positional-conv output and each layer's output, the last one before the fina
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
@@ -144,15 +146,19 @@ class Wav2Vec2ForFinetuning(MegatronModule):
     # ---- forward -------------------------------------------------------------------------------------------
 
     def forward(self, waveform: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, channel_mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, channel_mask: torch.Tensor | None = None,
+                skip_layers: Sequence[int] = ()) -> torch.Tensor:
         """waveform [B, T] (normalized, right-padded with zeros; frames a multiple of tp), padding_mask [B, F]
-        True at padded frames, mask [B, F] time mask, channel_mask [B, H]: identical on every TP rank.
-        Returns CTC logits [B, F, V] or class logits [B, C] (replicated on the TP group)."""
+        True at padded frames, mask [B, F] time mask, channel_mask [B, H], skip_layers (LayerDrop's, when
+        training): identical on every TP rank. Returns CTC logits [B, F, V] or class logits [B, C] (replicated on
+        the TP group)."""
         if self.layer_sum is None:
-            x = self.wav2vec2.encode(waveform, mask=mask, padding_mask=padding_mask, channel_mask=channel_mask)
+            x = self.wav2vec2.encode(waveform, mask=mask, padding_mask=padding_mask, channel_mask=channel_mask,
+                                     skip_layers=skip_layers)
         else:
+            # a skipped layer's state is its input, as in transformers' hidden_states under layerdrop
             states = self.wav2vec2.encode(waveform, mask=mask, padding_mask=padding_mask,
-                                          channel_mask=channel_mask, all_layers=True)
+                                          channel_mask=channel_mask, all_layers=True, skip_layers=skip_layers)
             # encode gives [h_0, ..., h_L, LN(h_L)]; the weighted states are transformers' (>= 5) hidden_states:
             # h_0 (after the positional conv) and every layer's output, h_L before the final LayerNorm.
             x = self.layer_sum(states[:-1])

@@ -32,7 +32,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.utils import divide
 
-from megatron_speech.compat.megatron_core import mask_type_from_call
+from megatron_speech.compat.megatron_core import mask_type_from_call, zero_gradients_anchor
 
 
 def fp32_layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
@@ -119,6 +119,28 @@ class SDPAttention(MegatronModule):
         return ctx.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
 
 
+class LayerDropTransformerLayer(TransformerLayer):
+    """megatron-core's TransformerLayer that LayerDrop can skip (layerdrop.py): while training with `skip` set, its
+    output is its input (and no context), plus a zero that gives each of its parameters a zero gradient
+    (compat/megatron_core.zero_gradients_anchor: megatron's DDP waits for every one).
+
+    `skip` is set by the encoder before each forward and stays until the next one, not reset after: megatron's
+    full recompute (TransformerBlock._checkpointed_forward) calls the layer again during backward, and the
+    recomputation must skip what the forward skipped. One pipeline stage, so a micro-batch's backward always comes
+    before the next micro-batch's forward."""
+
+    skip: bool = False
+
+    def forward(self, *args, **kwargs):
+        if not (self.skip and self.training):
+            return super().forward(*args, **kwargs)
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        zero = zero_gradients_anchor(self.parameters())
+        if zero is not None:
+            hidden_states = hidden_states + zero.to(hidden_states.dtype)
+        return hidden_states, kwargs.get("context")
+
+
 def te_available() -> bool:
     """True when Transformer Engine imports and CUDA is present (the only case its spec is used)."""
     if not torch.cuda.is_available():
@@ -133,7 +155,7 @@ def te_available() -> bool:
 def local_layer_spec() -> ModuleSpec:
     """megatron-core's local BERT layer with our SP-capable LayerNorm and the SDPA attention core."""
     return ModuleSpec(
-        module=TransformerLayer,
+        module=LayerDropTransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=LayerNorm,
             self_attention=ModuleSpec(
@@ -169,6 +191,8 @@ def block_spec(num_layers: int, use_te: bool | None = None) -> TransformerBlockS
         from megatron.core.models.bert.bert_layer_specs import get_bert_layer_with_transformer_engine_spec
 
         layer = get_bert_layer_with_transformer_engine_spec()
+        assert layer.module is TransformerLayer  # what LayerDropTransformerLayer extends
+        layer.module = LayerDropTransformerLayer
         attention = layer.submodules.self_attention.submodules
         attention.core_attention = mask_type_from_call(attention.core_attention)
         return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TENorm)

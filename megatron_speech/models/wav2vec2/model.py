@@ -6,6 +6,7 @@ Tensor layouts: waveform [B, T] (replicated on the TP group) -> conv features [B
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -122,13 +123,13 @@ class Wav2Vec2ForPretraining(MegatronModule):
 
     def encode(self, waveform: torch.Tensor, mask: torch.Tensor | None = None,
                padding_mask: torch.Tensor | None = None, channel_mask: torch.Tensor | None = None,
-               output_layer: int | None = None, all_layers: bool = False):
+               output_layer: int | None = None, all_layers: bool = False, skip_layers: Sequence[int] = ()):
         """The encoder as fine-tuning and embedding use it: context vectors [B, F, H] of the whole utterance
         (gathered over TP) after the final LayerNorm (transformers' last_hidden_state), or the output of layer
         `output_layer` (its hidden_states[L]); with `all_layers`, the list hidden_states[0..L] followed by the
         final output. `mask` [B, F]: frames replaced by the mask embedding; `padding_mask` [B, F]: True at
         padded frames (zeroed before the positional conv and never attended to, as transformers does);
-        `channel_mask` [B, H]: channels zeroed (SpecAugment)."""
+        `channel_mask` [B, H]: channels zeroed (SpecAugment); `skip_layers`: LayerDrop's, when training."""
         num_frames = self.feature_extractor.num_frames(waveform.shape[1])
         _, x, _, _, (f0, f1) = self.extract_features(waveform, num_frames)
         with tensor_parallel.get_cuda_rng_tracker().fork():  # local slices: TP-rank-specific dropout
@@ -142,7 +143,7 @@ class Wav2Vec2ForPretraining(MegatronModule):
             x = x.masked_fill(padding_mask[:, f0:f1, None], 0.0)
             attention_mask = padding_mask[:, None, None, :]  # [b, 1, 1, s]: megatron's padding mask, True = pad
         out = self.encoder(x.transpose(0, 1).contiguous(), attention_mask, output_layer=output_layer,
-                           all_layers=all_layers)  # [s/tp, b, h] (a list with all_layers)
+                           all_layers=all_layers, skip_layers=skip_layers)  # [s/tp, b, h] (a list with all_layers)
         if all_layers:
             return [self._time_gather(h.transpose(0, 1)) for h in out]
         return self._time_gather(out.transpose(0, 1))  # [b, s/tp, h] -> [B, F, H]
@@ -159,10 +160,12 @@ class Wav2Vec2ForPretraining(MegatronModule):
         mask: torch.Tensor,
         negatives: torch.Tensor,
         channel_mask: torch.Tensor | None = None,
+        skip_layers: Sequence[int] = (),
     ) -> PretrainOutput:
         """waveform [B, T] float (T = 320 (F - 1) + 400), mask [B, F] bool (the full utterance's time mask),
         negatives [B, F, K] int64 (distractor frames per masked frame, `masker.sample_negatives`),
-        channel_mask [B, H] bool or None. Identical on every TP rank of the group."""
+        channel_mask [B, H] bool or None, skip_layers: the layers LayerDrop skips when training (layerdrop.py).
+        Identical on every TP rank of the group."""
         batch, num_frames = mask.shape
         feats, x, penalty_sum, penalty_count, (f0, f1) = self.extract_features(waveform, num_frames)
         local_mask = mask[:, f0:f1]  # [B, F/tp]
@@ -176,7 +179,7 @@ class Wav2Vec2ForPretraining(MegatronModule):
         if channel_mask is not None:
             x = x.masked_fill(channel_mask[:, None, :], 0.0)
 
-        x = self.encoder(x.transpose(0, 1).contiguous())  # [B, F/tp, H] -> [s/tp, b, h] -> encoder
+        x = self.encoder(x.transpose(0, 1).contiguous(), skip_layers=skip_layers)  # [B, F/tp, H] -> [s/tp, b, h]
         x = x.transpose(0, 1)  # [s/tp, b, h] -> [b, s/tp, h]
 
         # Quantize only the masked frames: the only targets the loss reads (negatives are masked frames too).
