@@ -52,9 +52,12 @@ def recompute_problems(cfg: Config) -> Problems:
     """Full recompute's chunk must fit the model's depth."""
     m, t, problems = cfg.model, cfg.train, Problems()
     if t.recompute_transformer == "full":
-        problems.need(1 <= t.recompute_num_layers <= m.num_layers,
-                      f"train.recompute_num_layers={t.recompute_num_layers} must be in [1, model.num_layers="
-                      f"{m.num_layers}] with train.recompute_transformer='full'")
+        # megatron's uniform method checkpoints layers [l, l + k) for l = 0, k, 2k, ...: a remainder indexes past
+        # the last layer (IndexError in TransformerBlock._checkpointed_forward)
+        k = t.recompute_num_layers
+        problems.need(1 <= k <= m.num_layers and m.num_layers % k == 0,
+                      f"train.recompute_num_layers={k} must divide model.num_layers={m.num_layers} with "
+                      "train.recompute_transformer='full'")
     return problems
 
 
