@@ -103,6 +103,7 @@ def evaluate_checkpoint(checkpoint: str, manifests: str | list[str], use_ema: bo
     per_set: dict[str, Any] = {}
     totals = torch.zeros(common, dtype=torch.float64)
     num_skipped = num_rejected = 0
+    budget = cfg.data.max_tokens
     try:
         for manifest in manifests:
             set_name = os.path.basename(manifest.rstrip("/"))
@@ -111,7 +112,7 @@ def evaluate_checkpoint(checkpoint: str, manifests: str | list[str], use_ema: bo
             source = open_manifest(manifest, min_samples_for(cfg.data, cfg.model))
             split = select_labeled(source, task.label_key, None, manifest)
             languages = {source.id(int(i)): source.labels(int(i)).get("language") for i in split.indices}
-            cfg.data.max_tokens = max(max_tokens or cfg.data.max_tokens, int(split.lengths.max()))
+            cfg.data.max_tokens = max(max_tokens or budget, int(split.lengths.max()))  # per set: its longest fits
             set_totals = torch.zeros(common, dtype=torch.float64)
             first = len(rows)
             with torch.no_grad():

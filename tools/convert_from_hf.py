@@ -71,13 +71,13 @@ def convert(rank: int, world: int, hf_dir: str, output: str, config_path: str, p
     for k in missing:  # keep the model's fresh initialization (interop.HF_OPTIONAL says why that is fairseq's)
         canonical[k] = ours[k]
     if rank == 0:
-        _report_absent(hf_dir, missing, dropped)
+        _report_absent(hf_dir, missing, dropped, model_cfg.layerdrop)
     interop.load_canonical(model, canonical)
     save_model_only(output, model, cfg, untrained=missing)
     destroy_parallel()
 
 
-def _report_absent(hf_dir: str, missing: list[str], dropped: list[str]) -> None:
+def _report_absent(hf_dir: str, missing: list[str], dropped: list[str], layerdrop: float) -> None:
     from megatron_speech.models.wav2vec2 import interop
 
     heads = [interop.hf_name(k) for k in missing if k != "mask_emb"]
@@ -89,6 +89,10 @@ def _report_absent(hf_dir: str, missing: list[str], dropped: list[str]) -> None:
         print(f"convert_from_hf: warning: {hf_dir} is an encoder-only model without {', '.join(heads)}: "
               "initialized fresh; fine for fine-tuning and embed, but pre-training from it "
               "(train.init_checkpoint) starts with an untrained quantizer", file=sys.stderr)
+    if layerdrop > 0:  # transformers' default is 0.1: most hub configs carry it without anyone having chosen it
+        print(f"convert_from_hf: note: model.layerdrop={layerdrop} from {hf_dir}'s config (transformers' "
+              "`layerdrop`): runs from this checkpoint skip layers while training unless model.layerdrop is set",
+              file=sys.stderr)
     if dropped:
         print(f"convert_from_hf: note: dropped the task head {', '.join(dropped)} (fine-tuning builds its own)",
               file=sys.stderr)

@@ -56,7 +56,9 @@ def _move(save_dir: str | Path, step: int, keep_last: int) -> None:
         return
     old = checkpoint_dir(save_dir, previous)
     if old in rotated_out(save_dir, checkpoint_dir(save_dir, latest), keep_last):
-        shutil.rmtree(old, ignore_errors=True)
+        # Renamed now, deleted after the other ranks are released (_rank0_then_agree): removing an XL checkpoint on
+        # a parallel filesystem can take minutes, which they would otherwise spend waiting in the broadcast.
+        old.rename(old.with_name(f".{old.name}.deleting"))
 
 
 def _rank0_then_agree(fn, what: str) -> None:
@@ -64,8 +66,8 @@ def _rank0_then_agree(fn, what: str) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
             fn()
-        except (OSError, ValueError) as e:
-            error = f"{what} failed: {e}"
+        except Exception as e:  # any failure must reach the broadcast: the other ranks wait there for rank 0
+            error = f"{what} failed: {type(e).__name__}: {e}"
     if dist.is_initialized():
         box = [error]
         dist.broadcast_object_list(box, src=0)
@@ -74,11 +76,19 @@ def _rank0_then_agree(fn, what: str) -> None:
         raise SaveError(error)
 
 
+def _delete_renamed(save_dir: str | Path) -> None:
+    """Rank 0, after the agreement: the previous best's directories _move renamed."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        for path in Path(save_dir).glob(".iter_*.deleting"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def mark_best(save_dir: str | Path, step: int, keep_last: int) -> None:
     """Collective: <save_dir>/best names the (already saved) checkpoint of `step`; the previous best goes unless
     keep_last keeps it. Raises SaveError on every rank when rank 0 could not (the marker then names the previous
     best, which is kept)."""
     _rank0_then_agree(lambda: _move(save_dir, step, keep_last), f"marking {checkpoint_dir(save_dir, step)} as {BEST}")
+    _delete_renamed(save_dir)
 
 
 def reconcile(save_dir: str | Path, resumed_step: int, best: int | None, keep_best: bool, keep_last: int) -> None:
@@ -99,3 +109,4 @@ def reconcile(save_dir: str | Path, resumed_step: int, best: int | None, keep_be
             os.remove(Path(save_dir) / BEST)
 
     _rank0_then_agree(fix, f"reconciling {Path(save_dir) / BEST} on resume")
+    _delete_renamed(save_dir)

@@ -49,7 +49,7 @@ def masking_problems(cfg: Config) -> Problems:
 
 
 def recompute_problems(cfg: Config) -> Problems:
-    """Full recompute's chunk must fit the model's depth."""
+    """Full recompute's chunk must fit the model's depth; LayerDrop rules out the overlapped param gather."""
     m, t, problems = cfg.model, cfg.train, Problems()
     if t.recompute_transformer == "full":
         # megatron's uniform method checkpoints layers [l, l + k) for l = 0, k, 2k, ...: a remainder indexes past
@@ -58,6 +58,12 @@ def recompute_problems(cfg: Config) -> Problems:
         problems.need(1 <= k <= m.num_layers and m.num_layers % k == 0,
                       f"train.recompute_num_layers={k} must divide model.num_layers={m.num_layers} with "
                       "train.recompute_transformer='full'")
+    # megatron's overlapped param gather waits for a bucket in a forward pre-hook of the module owning its params:
+    # a skipped layer's modules never run, so its bucket's all-gather is never waited for and the next step's
+    # dispatch asserts (param_and_grad_buffer: param_gather_handle is None)
+    problems.need(m.layerdrop == 0 or not cfg.parallel.overlap_param_gather,
+                  f"model.layerdrop={m.layerdrop} needs parallel.overlap_param_gather=false (a skipped layer never "
+                  "runs the hook that waits for its parameters' all-gather)")
     return problems
 
 

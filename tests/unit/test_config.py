@@ -245,6 +245,8 @@ def test_malformed_override() -> None:
     (["parallel.overlap_param_gather=true", "parallel.use_distributed_optimizer=false"],
      r"overlap_param_gather=True needs parallel\.use_distributed_optimizer"),
     (["train.recompute_transformer=full", "train.recompute_num_layers=3"], r"train\.recompute_num_layers=3"),
+    (["model.layerdrop=0.1", "parallel.overlap_param_gather=true"],
+     r"model\.layerdrop=0\.1 needs parallel\.overlap_param_gather=false"),
     (["train.recompute_transformer=full", "model.num_layers=3", "train.recompute_num_layers=2"],
      r"train\.recompute_num_layers=2 must divide model\.num_layers=3"),
     (["data.noise_snr_db=[20, 5]"], r"data\.noise_snr_db"),

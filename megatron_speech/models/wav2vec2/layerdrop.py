@@ -8,8 +8,10 @@ draws what the uninterrupted run drew (nothing to save), every TP rank of a DP g
 dp_rank is 0 on purpose. With per-rank draws each rank would run a different number of layers and every step
 would wait for the rank that skipped least (with 32 ranks, 24 layers and p = 0.1, nearly always one that skipped
 none, so the run would pay for the full depth); with shared draws all ranks do the same work and the saving is
-real. The price, fewer independent draws per global batch, does not matter for a regularizer drawn every
-micro-batch.
+real. The price: fewer independent draws per global batch. With train.num_micro_batches=1 (the xl presets) a
+skipped layer gets no gradient from any rank for that whole update (fairseq's per-GPU draws would give it the
+other GPUs' gradients), about p of the updates, and Adam's moments alone move it then; the regularizer is the
+one-GPU fairseq/transformers one applied to the global batch.
 
 How a layer is skipped: layer_spec.LayerDropTransformerLayer returns its input, plus a zero that still reaches
 each of its parameters (compat/megatron_core.zero_gradients_anchor says why megatron's DDP needs that).
