@@ -145,14 +145,10 @@ class _FileAudio:
 
 def open_audio(manifest: str, min_samples: int):
     """`evaluate`'s manifest kinds (data/finetune_data.open_manifest), read lazily: shards, or audio files."""
-    for split in ("train", "valid"):
-        suffix = f"_{split}.manifest.jsonl"
-        if manifest.endswith(suffix):
-            with open(manifest, encoding="utf-8") as f:
-                first = next((line for line in f if line.strip()), "{}")
-            if "shard" in json.loads(first):
-                return _ShardAudio(manifest[: -len(suffix)], split, min_samples)
-    return _FileAudio(manifest, min_samples)
+    from megatron_speech.data.finetune_data import shard_manifest
+
+    shards = shard_manifest(manifest)
+    return _ShardAudio(*shards, min_samples) if shards else _FileAudio(manifest, min_samples)
 
 
 class WindowBatches:

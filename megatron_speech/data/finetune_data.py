@@ -108,6 +108,13 @@ def open_manifest(path: str, min_samples: int):
     """A test manifest for `evaluate`: preprocessed shards (`PREFIX_{train,valid}.manifest.jsonl`, rows with
     "shard") as AudioShards, anything else (JSONL of {"path", labels...}, TSV, folder) as DecodedFiles.
     min_samples: the shortest audio kept (min_samples_for: at least one frame)."""
+    shards = shard_manifest(path)
+    return AudioShards(*shards, min_samples) if shards else DecodedFiles(path, min_samples)
+
+
+def shard_manifest(path: str) -> tuple[str, str] | None:
+    """(PREFIX, split) when `path` is a preprocessed shards' manifest (`PREFIX_{train,valid}.manifest.jsonl` whose
+    rows name a "shard"), else None: a manifest of audio files."""
     import json
 
     for split in ("train", "valid"):
@@ -116,8 +123,8 @@ def open_manifest(path: str, min_samples: int):
             with open(path, encoding="utf-8") as f:
                 first = next((line for line in f if line.strip()), "{}")
             if "shard" in json.loads(first):
-                return AudioShards(path[: -len(suffix)], split, min_samples)
-    return DecodedFiles(path, min_samples)
+                return path[: -len(suffix)], split
+    return None
 
 
 @dataclass
