@@ -23,10 +23,9 @@ the model does not ask for is ignored; any other key the checkpoint lacks is an 
 A failed save (disk full, unwritable) raises SaveError on every rank at once, removes its partial directory, leaves
 `latest` alone. Loading verifies the manifest, refuses code in pickles; resuming falls back to the newest that verifies.
 
-Trust: megatron-core's torch_dist format stores metadata as pickles that torch reads with pickle.load; the checks
-above refuse a pickle that names anything but checkpoint metadata, but the manifest proves integrity, not origin:
-a distributed checkpoint is for trusted sources only; shared ones travel as safetensors (tools/convert_to_hf.py).
-"""
+Trust: torch_dist metadata are pickles that torch reads with pickle.load; the checks above refuse one that names
+anything but checkpoint metadata, but the manifest proves integrity, not origin: trusted sources only (share
+safetensors, tools/convert_to_hf.py). Saves run with Slurm's stop signals blocked (common/stop_signals.py)."""
 
 from __future__ import annotations
 
@@ -61,6 +60,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_speech.checkpoint import integrity
 from megatron_speech.checkpoint.integrity import CheckpointIntegrityError
+from megatron_speech.common.stop_signals import stop_signals_blocked
 from megatron_speech.compat.megatron_core import (
     DP_RESHARDABLE,
     BucketLayoutError,
@@ -103,8 +103,7 @@ def checkpoint_dir(save_dir: str | Path, step: int) -> Path:
 
 def latest_step(save_dir: str | Path, name: str = LATEST) -> int | None:
     """The step recorded in <save_dir>/latest (or the marker `name`), or None when there is no complete checkpoint."""
-    marker = Path(save_dir) / name
-    if not marker.exists():
+    if not (marker := Path(save_dir) / name).exists():
         return None
     text = marker.read_text().strip()
     if not text.isdigit():
@@ -200,9 +199,10 @@ def save_checkpoint(save_dir: str | Path, step: int, model, optimizer, scheduler
     state = _state(model, optimizer, ema, is_loading=False, with_rng=True, sharding=sharding)
     state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     state["trainer"] = dict(trainer_state, step=step, layout=_layout(), optimizer_format=_optimizer_format(optimizer))
-    try:
-        dist_checkpointing.save(state, str(path), sharded_strategy=_save_strategy(),
-                                content_metadata={SHARDING_KEY: sharding})
+    try:  # blocked: megatron's writer Manager (spawned by a process's first save) must outlive USR1/TERM
+        with stop_signals_blocked():
+            dist_checkpointing.save(state, str(path), sharded_strategy=_save_strategy(),
+                                    content_metadata={SHARDING_KEY: sharding})
     except CheckpointException as e:  # megatron gathers every rank's write results and raises this on all of them
         _discard(path)
         raise SaveError(f"writing {path} failed: {_write_failures(e)}; {_kept(save_dir)}") from None
