@@ -257,8 +257,10 @@ def straight_run(tmp_path_factory, shards):
 
 
 def _storm_args(shards) -> list[str]:
-    return [f"data.prefix={shards}", "train.log_interval=1", "train.eval_interval=0", "train.save_interval=12",
-            "train.keep_last=2"]  # the tiny preset's dropout (0.05) stays on: masks must resume exactly too
+    # DP=2 with 2 micro-batches per step and evaluations; the tiny preset's dropout (0.05) stays on: masks, the
+    # micro-batch split and the eval batches must resume exactly too
+    return [f"data.prefix={shards}", "train.log_interval=1", "train.eval_interval=8", "train.save_interval=12",
+            "train.keep_last=2", "train.num_micro_batches=2"]
 
 
 def test_preemption_storm_ends_bit_exact(tmp_path, shards, straight_run, launch):
@@ -288,6 +290,8 @@ def test_preemption_storm_ends_bit_exact(tmp_path, shards, straight_run, launch)
     differ = [s for s in sorted(interrupted) if (interrupted[s]["loss"], interrupted[s]["grad_norm"])
               != (straight[s]["loss"], straight[s]["grad_norm"])]  # bit for bit: CPU, fp32, same layout
     assert not differ, f"stopped at {stopped_at}; steps whose loss or grad norm differ: {differ}"
+    valid, valid_straight = metrics(run, "valid"), metrics(straight_run, "valid")
+    assert sorted(valid) == [8, 16, 24] and all(valid[s]["loss"] == valid_straight[s]["loss"] for s in valid)
     final, reference = _contents(checkpoint_dir(run, STORM_STEPS)), _contents(checkpoint_dir(straight_run, STORM_STEPS))
     assert final.keys() == reference.keys()
     for key in reference:  # model, optimizer moments, EMA, every rank's RNG states: bit for bit
